@@ -1,0 +1,1 @@
+"""The sftops batch job: pull, prepare, train, verify, export. Entry point: `python -m job`."""

@@ -1,0 +1,1 @@
+"""Fixtures for the models area (filled in by its owner)."""

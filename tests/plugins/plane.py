@@ -1,0 +1,1 @@
+"""Fixtures for the plane area (filled in by its owner)."""

@@ -1,0 +1,1 @@
+"""Fixtures for the postgres area (filled in by its owner)."""
