@@ -47,7 +47,7 @@ class NullReporter:
     def event(self, level: str, message: str, data: Mapping[str, Any] | None = None) -> None:
         """Ignore an event."""
 
-    def finish(self, status: str, timeout: float = 5.0, **extra: Any) -> bool:
+    def finish(self, status: str | None, timeout: float = 5.0, **extra: Any) -> bool:
         """Nothing to flush; reports success."""
         return True
 
@@ -187,10 +187,10 @@ class Reporter:
                 failures = 0
                 self._inflight = None
 
-    def finish(self, status: str, timeout: float = 5.0, **extra: Any) -> bool:
-        """Stop the thread, flush what is queued and post the final status synchronously within `timeout` seconds.
+    def finish(self, status: str | None, timeout: float = 5.0, **extra: Any) -> bool:
+        """Stop the thread, flush what is queued and post the final status (if any) synchronously within `timeout` s.
 
-        Returns whether the final status reached the plane; never raises.
+        Returns whether the last batch reached the plane; never raises.
         """
         deadline = time.monotonic() + timeout
         self.close(join_timeout=min(1.0, timeout / 4))
@@ -198,7 +198,8 @@ class Reporter:
         self._inflight = None
         while (batch := self._take_batch()) is not None:
             pending.append(batch)
-        pending.append({"status": status, **extra})  # last, so the plane sees every metric before the end
+        if status is not None:
+            pending.append({"status": status, **extra})  # last, so the plane sees every metric before the end
         ok = True
         for body in pending:
             remaining = deadline - time.monotonic()

@@ -87,6 +87,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: 
     """Greedy completions of already-templated prompts, batched with left padding, in the prompts' order."""
     import torch
 
+    padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only models must see the prompt end right before new tokens
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -121,6 +122,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: 
                 outputs[i] = text
     finally:
         model.train(was_training)
+        tokenizer.padding_side = padding_side  # the exported tokenizer keeps its own setting
     return outputs
 
 
