@@ -142,7 +142,7 @@ def pull_model(spec: JobSpec, cache_dir: Path) -> Path:
     from job.model import check_model_dir, resolve_model
 
     model_dir = resolve_model(spec.base_model, cache_dir)
-    check_model_dir(model_dir)
+    check_model_dir(model_dir, spec.base_model)
     log.info("base model %s at %s", spec.base_model, model_dir)
     return model_dir
 
