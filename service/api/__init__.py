@@ -1,0 +1,91 @@
+"""The REST API's blueprints and the request helpers they share."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Flask, current_app, request
+
+from service.errors import APIError, error_response
+from service.store import IdempotencyConflict, IllegalTransition, NotFound, Store
+
+
+def register(app: Flask) -> None:
+    """Register every blueprint and map the store's domain errors to HTTP statuses."""
+    from service.api import jobs, reports, system
+
+    app.register_blueprint(jobs.bp)
+    app.register_blueprint(reports.bp)
+    app.register_blueprint(system.bp)
+
+    @app.errorhandler(NotFound)
+    def _not_found(e: NotFound):
+        """404 for an unknown job."""
+        return error_response(404, "not_found", str(e))
+
+    @app.errorhandler(IllegalTransition)
+    def _illegal(e: IllegalTransition):
+        """409 for a status change the lifecycle does not allow."""
+        return error_response(409, "illegal_transition", str(e), {"status": e.current, "requested": e.wanted})
+
+    @app.errorhandler(IdempotencyConflict)
+    def _idempotency(e: IdempotencyConflict):
+        """409 for a reused Idempotency-Key with another body."""
+        return error_response(409, "idempotency_conflict", str(e), {"job_id": e.job_id})
+
+
+def store() -> Store:
+    """The app's store."""
+    return current_app.extensions["sftops.store"]
+
+
+def json_body(*, allow_nan: bool = False) -> Any:
+    """The request's JSON body; raises APIError 415 (not JSON), 413 (too large, via werkzeug) or 400 (malformed)."""
+    mimetype = request.mimetype or ""
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise APIError(
+            415,
+            "unsupported_media_type",
+            f"send the body as JSON with Content-Type: application/json (got {mimetype or 'no content type'!r})",
+        )
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        raise APIError(400, "malformed_json", "the request body is empty; send a JSON document")
+
+    def _no_constants(name: str):
+        """Reject NaN and Infinity, which are not JSON."""
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        return json.loads(raw, parse_constant=None if allow_nan else _no_constants)
+    except RecursionError:
+        raise APIError(400, "malformed_json", "the JSON body is nested too deeply") from None
+    except ValueError as e:
+        raise APIError(400, "malformed_json", f"the body is not valid JSON: {e}") from None
+
+
+def int_arg(name: str, default: int | None, *, low: int, high: int | None = None) -> int | None:
+    """An integer query parameter within bounds; raises APIError 400 naming it."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise APIError(400, "invalid_parameter", f"{name} must be an integer, got {raw!r}", {"parameter": name}) from None
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"between {low} and {high}"
+        raise APIError(400, "invalid_parameter", f"{name} must be {bounds}, got {value}", {"parameter": name})
+    return value
+
+
+def cursor_arg(name: str = "after") -> int | None:
+    """A pagination cursor as the store knows it (opaque to clients); raises APIError 400."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or len(raw) > 18:
+        raise APIError(400, "invalid_parameter", f"{name} must be a cursor returned as `next`, got {raw!r}",
+                       {"parameter": name})
+    return int(raw)

@@ -1,0 +1,196 @@
+"""Every Prometheus metric of the plane: per-job gauges read from the store at scrape time, and HTTP metrics.
+
+The per-job gauges come from JobsCollector, which builds fresh metric families from the store on every
+scrape, so any gunicorn worker answers the same. HTTP metrics use prometheus_client's multiprocess mode when
+PROMETHEUS_MULTIPROC_DIR is set (gunicorn.conf.py sets it), so /metrics sums all workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from flask import Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger(__name__)
+
+# Per-job gauges (labels job_id, job_name), name -> (help, how to read the value from a store row).
+JOB_TRAIN_LOSS = "sftops_job_train_loss"
+JOB_EVAL_LOSS = "sftops_job_eval_loss"
+JOB_TRAIN_LOSS_SLOPE = "sftops_job_train_loss_slope"
+JOB_EVAL_LOSS_SLOPE = "sftops_job_eval_loss_slope"
+JOB_TRAIN_LOSS_RELATIVE_SLOPE = "sftops_job_train_loss_relative_slope"
+JOB_EVAL_LOSS_RELATIVE_SLOPE = "sftops_job_eval_loss_relative_slope"
+JOB_LOSS_GAP = "sftops_job_loss_gap"
+JOB_HEALTH = "sftops_job_health"
+JOB_STEP = "sftops_job_step"
+JOB_TOTAL_STEPS = "sftops_job_total_steps"
+JOB_TOKENS_PER_SECOND = "sftops_job_tokens_per_second"
+JOB_GRAD_NORM = "sftops_job_grad_norm"
+JOB_LAST_REPORT = "sftops_job_last_report_timestamp_seconds"
+JOB_STATUS = "sftops_job_status"
+JOB_TRAIN_LOSS_NONFINITE = "sftops_job_train_loss_nonfinite"
+JOB_TARGET_BAND_LOW = "sftops_job_target_band_low"
+JOB_TARGET_BAND_HIGH = "sftops_job_target_band_high"
+# Fleet and plane metrics.
+JOBS = "sftops_jobs"
+HTTP_REQUESTS = "sftops_http_requests_total"
+HTTP_DURATION = "sftops_http_request_duration_seconds"
+SCRAPE_ERRORS = "sftops_metrics_scrape_errors_total"
+
+JOB_LABELS = ["job_id", "job_name"]
+STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+
+
+def _verdicts() -> tuple[str, ...]:
+    """The health verdicts job.health can return (each gets a 0/1 sample)."""
+    from job import health
+
+    return tuple(getattr(health, "VERDICTS", ()))
+
+
+def _series(name: str, key: str):
+    """Reader of health[name][key] (train/eval statistics)."""
+    return lambda row: ((row["health"] or {}).get(name) or {}).get(key)
+
+
+def _progress(key: str):
+    """Reader of progress[key]."""
+    return lambda row: (row["progress"] or {}).get(key)
+
+
+_GAUGES: list[tuple[str, str, Any]] = [
+    (JOB_TRAIN_LOSS, "Last finite train loss reported.", _progress("train_loss")),
+    (JOB_EVAL_LOSS, "Last eval loss reported.", _progress("eval_loss")),
+    (JOB_TRAIN_LOSS_SLOPE, "Train loss change per 100 steps (trailing window).", _series("train", "slope_per_100")),
+    (JOB_EVAL_LOSS_SLOPE, "Eval loss change per 100 steps (trailing window).", _series("eval", "slope_per_100")),
+    (JOB_TRAIN_LOSS_RELATIVE_SLOPE, "Train slope per 100 steps divided by the loss level.",
+     _series("train", "relative_slope")),
+    (JOB_EVAL_LOSS_RELATIVE_SLOPE, "Eval slope per 100 steps divided by the loss level.",
+     _series("eval", "relative_slope")),
+    (JOB_LOSS_GAP, "Eval loss minus train loss.", lambda row: (row["health"] or {}).get("gap")),
+    (JOB_STEP, "Last optimizer step reported.", _progress("step")),
+    (JOB_TOTAL_STEPS, "Optimizer steps the job will run.", _progress("total_steps")),
+    (JOB_TOKENS_PER_SECOND, "Training throughput.", _progress("tokens_per_second")),
+    (JOB_GRAD_NORM, "Last gradient norm reported.", _progress("grad_norm")),
+    (JOB_LAST_REPORT, "Unix time of the job's last report.", lambda row: row["last_report_at"]),
+    (JOB_TRAIN_LOSS_NONFINITE, "1 when the last train loss reported was NaN or infinite.",
+     lambda row: 1.0 if row["train_nonfinite"] else 0.0),
+    (JOB_TARGET_BAND_LOW, "Low end of the job's healthy final train loss band.", lambda row: row["band_low"]),
+    (JOB_TARGET_BAND_HIGH, "High end of the job's healthy final train loss band.", lambda row: row["band_high"]),
+]
+
+
+class JobsCollector:
+    """Per-job and fleet gauges built from the store on every scrape; never raises."""
+
+    def __init__(self, store, retention_seconds: float, errors: Counter | None = None):
+        """Read `store`; show finished jobs for `retention_seconds`; count failed scrapes in `errors`."""
+        self.store = store
+        self.retention_seconds = retention_seconds
+        self.errors = errors
+        self.failures = 0  # also kept here for collectors without a counter (tests)
+
+    def describe(self):
+        """No up-front description: registering must not query the store."""
+        return []
+
+    def collect(self):
+        """Yield fresh metric families for every job /metrics shows."""
+        try:
+            rows = self.store.metric_rows(self.retention_seconds)
+            counts = self.store.status_counts()
+        except Exception:
+            # A scrape must not fail because the store is down: emit no job series and count the error.
+            log.exception("metrics scrape could not read the store")
+            self.failures += 1
+            if self.errors is not None:
+                self.errors.inc()
+            return
+        yield from self._families(rows, counts)
+
+    def _families(self, rows: list[dict], counts: dict[str, int]):
+        """Build the families from store rows."""
+        import json
+        import math
+
+        families = {name: GaugeMetricFamily(name, help_, labels=JOB_LABELS) for name, help_, _ in _GAUGES}
+        health = GaugeMetricFamily(JOB_HEALTH, "1 for the job's current health verdict, 0 for the others.",
+                                   labels=JOB_LABELS + ["verdict"])
+        status = GaugeMetricFamily(JOB_STATUS, "1 for the job's current status, 0 for the others.",
+                                   labels=JOB_LABELS + ["status"])
+        verdicts = _verdicts()
+        for row in rows:
+            row = dict(row)
+            row["progress"] = json.loads(row["progress"]) if row["progress"] else {}
+            row["health"] = json.loads(row["health"]) if row["health"] else None
+            labels = [row["id"], row["name"]]
+            for name, _, read in _GAUGES:
+                value = read(row)
+                if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                    families[name].add_metric(labels, float(value))
+            current = (row["health"] or {}).get("verdict")
+            if current is not None:
+                for verdict in verdicts or (current,):
+                    health.add_metric(labels + [verdict], 1.0 if verdict == current else 0.0)
+            for s in STATUSES:
+                status.add_metric(labels + [s], 1.0 if s == row["status"] else 0.0)
+        yield from families.values()
+        yield health
+        yield status
+        fleet = GaugeMetricFamily(JOBS, "Jobs in the store by status.", labels=["status"])
+        for s in STATUSES:
+            fleet.add_metric([s], float(counts.get(s, 0)))
+        yield fleet
+
+
+class PlaneMetrics:
+    """The app's registry, HTTP metrics and /metrics exposition; created unbound, attached with init_app."""
+
+    def __init__(self):
+        """Nothing until init_app."""
+        self.registry: CollectorRegistry | None = None
+        self.multiprocess = False
+
+    def init_app(self, app: Flask, store) -> None:
+        """Build the registry (multiprocess-aware), the collector, and the request hooks."""
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.registry = CollectorRegistry()
+        # In multiprocess mode values go to files and MultiProcessCollector sums them, so the metric
+        # objects themselves are not registered anywhere.
+        own = None if self.multiprocess else self.registry
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            multiprocess.MultiProcessCollector(self.registry)
+        self.requests = Counter(HTTP_REQUESTS, "HTTP requests by method, endpoint and status.",
+                                ["method", "endpoint", "status"], registry=own)
+        self.duration = Histogram(HTTP_DURATION, "HTTP request latency.", ["method", "endpoint"], registry=own,
+                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.scrape_errors = Counter(SCRAPE_ERRORS, "Scrapes that could not read the store.", registry=own)
+        self.collector = JobsCollector(store, float(app.config["METRICS_RETENTION_SECONDS"]), self.scrape_errors)
+        self.registry.register(self.collector)
+        app.extensions["sftops.metrics"] = self
+        app.before_request(self._start)
+        app.after_request(self._observe)
+
+    def _start(self) -> None:
+        """Remember when the request started."""
+        g.sftops_started = time.perf_counter()
+
+    def _observe(self, response: Response) -> Response:
+        """Count and time the request by its route (not its raw path, which would explode cardinality)."""
+        started = g.get("sftops_started")
+        if started is not None:
+            endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            self.requests.labels(request.method, endpoint, str(response.status_code)).inc()
+            self.duration.labels(request.method, endpoint).observe(time.perf_counter() - started)
+        return response
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The Prometheus text of every metric (all workers' HTTP metrics plus the store's job gauges)."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
