@@ -237,3 +237,14 @@ def plane_factory(tmp_path: Path) -> Iterator:
 def live_plane(plane_factory) -> LivePlane:
     """A real gunicorn plane (2 workers, SQLite in a tmp dir, reconciler off) on a free loopback port."""
     return plane_factory()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path: Path):
+    """A migrated Store on SQLite (file in tmp) and on a real PostgreSQL (fresh database)."""
+    from service.store import Store, _sqlite_url
+
+    url = _sqlite_url(tmp_path / "store") if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    store = Store(url)
+    yield store
+    store.close()
