@@ -242,14 +242,23 @@ def job_command(gpus: int) -> list[str]:
     return ["python", "-m", *run]
 
 
-def merged_scheduling(resources: ResourcesSpec, settings: KubernetesSettings) -> tuple[dict, list, dict | None]:
-    """Node selector (spec over defaults), tolerations (defaults then spec, plus GPU taint), affinity (spec replaces)."""
+def merged_scheduling(
+    resources: ResourcesSpec, settings: KubernetesSettings
+) -> tuple[dict[str, str], list[client.V1Toleration], client.V1Affinity | None]:
+    """Node selector (spec over defaults), tolerations (defaults, spec, GPU taint), affinity (spec replaces); raises LaunchError."""
     node_selector = {**settings.node_selector, **resources.node_selector}
-    tolerations = [*settings.tolerations, *resources.tolerations]
-    if resources.gpus > 0 and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
+    sourced = [(t, f"SFTOPS_K8S_TOLERATIONS[{i}]") for i, t in enumerate(settings.tolerations)]
+    sourced += [(t, f"spec: resources.tolerations[{i}]") for i, t in enumerate(resources.tolerations)]
+    if resources.gpus > 0 and not any(t.get("key") == GPU_RESOURCE for t, _ in sourced):
         # GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule so that only GPU work lands there
-        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
-    affinity = resources.affinity if resources.affinity is not None else settings.affinity
+        sourced.append(({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}, "GPU toleration"))
+    tolerations = [to_model(t, "V1Toleration", where) for t, where in sourced]
+    if resources.affinity is not None:
+        affinity = to_model(resources.affinity, "V1Affinity", "spec: resources.affinity")
+    elif settings.affinity:
+        affinity = to_model(settings.affinity, "V1Affinity", "SFTOPS_K8S_AFFINITY")
+    else:
+        affinity = None
     return node_selector, tolerations, affinity
 
 
@@ -401,11 +410,8 @@ def build_job(job_id: str, spec: Mapping[str, Any], settings: KubernetesSettings
         priority_class_name=settings.priority_class_name,
         image_pull_secrets=[client.V1LocalObjectReference(name=n) for n in settings.image_pull_secrets] or None,
         node_selector=node_selector or None,
-        tolerations=[
-            to_model(t, "V1Toleration", f"spec: resources.tolerations[{i}]") for i, t in enumerate(tolerations)
-        ]
-        or None,
-        affinity=to_model(affinity, "V1Affinity", "spec: resources.affinity") if affinity else None,
+        tolerations=tolerations or None,
+        affinity=affinity,
         security_context=client.V1PodSecurityContext(
             run_as_non_root=True,
             run_as_user=settings.run_as_user,
