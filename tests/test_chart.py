@@ -271,7 +271,10 @@ def test_deployment_writable_paths_are_volumes(chart):
     assert set(mounts.values()) <= set(volumes), "every mount needs a volume"
     assert "emptyDir" in volumes[mounts["/tmp"]]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert "emptyDir" in volumes[mounts[env["PROMETHEUS_MULTIPROC_DIR"]]]
+    # gunicorn.conf.py deletes and recreates the directory at start: it must sit below a mount point.
+    metrics_dir = Path(env["PROMETHEUS_MULTIPROC_DIR"])
+    assert str(metrics_dir) not in mounts
+    assert "emptyDir" in volumes[mounts[str(metrics_dir.parent)]]
     assert volumes[mounts["/data"]]["persistentVolumeClaim"] == {"claimName": "ci-sftops-data"}
 
 
@@ -354,6 +357,45 @@ def test_configmap_holds_the_settings_as_strings(chart):
     assert json.loads(data["SFTOPS_K8S_AFFINITY"]) == {}
     plane_url = "http://ci-sftops.sftops.svc.cluster.local:8000"
     assert data["SFTOPS_PUBLIC_URL"] == data["SFTOPS_K8S_PLANE_URL"] == plane_url
+
+
+@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "everything-on"])
+def test_settings_are_the_ones_the_plane_and_launcher_read(chart, tmp_path, monkeypatch, values):
+    """The ConfigMap, read the way create_app and create_launcher read the environment, configures both."""
+    from flask import Config
+
+    from service.config import SETTINGS, normalize
+    from service.launchers.k8s_manifest import KubernetesSettings
+
+    data = find(render(chart, values), "ConfigMap", "ci-sftops")["data"]
+    for name in [n for n in os.environ if n.startswith("SFTOPS_")]:
+        monkeypatch.delenv(name)
+    for name, value in data.items():
+        monkeypatch.setenv(name, value)
+    config = Config(str(tmp_path))
+    config.from_prefixed_env("SFTOPS")
+    normalize(config)  # raises on a value the plane cannot use
+
+    gunicorn_reads = set(re.findall(r"SFTOPS_[A-Z_]+", (ROOT / "service" / "gunicorn.conf.py").read_text()))
+    known = {s.env for s in SETTINGS if not s.key.endswith("*")} | gunicorn_reads
+    assert {n for n in data if not n.startswith("SFTOPS_K8S_")} <= known
+    # Exactly what create_launcher passes on; unknown SFTOPS_K8S_* names are refused there.
+    k8s = KubernetesSettings.from_env({k: v for k, v in config.items() if k.startswith("K8S_")}, prefix="K8S_")
+    job = (values or {}).get("job", {})
+    assert k8s.namespace == job.get("namespace", NAMESPACE)
+    assert k8s.image == "sftops/job:0.1.0"
+    assert k8s.service_account == "ci-sftops-job"
+    assert k8s.s3_secret_name == "sftops-s3"
+    assert k8s.plane_url == config["PUBLIC_URL"] == "http://ci-sftops.sftops.svc.cluster.local:8000"
+    assert k8s.node_selector == job.get("nodeSelector", {})
+    assert k8s.tolerations == job.get("tolerations", [])
+    if values:
+        assert k8s.cache_pvc == "model-cache"
+    else:
+        assert (k8s.cache_pvc, k8s.cache_size) == (None, "100Gi")
+    assert k8s.image_pull_secrets == (values or {}).get("imagePullSecrets", [])
+    assert (k8s.backoff_limit, k8s.ttl_seconds_after_finished, k8s.shm_size) == (3, 86400, "8Gi")
+    assert config["LAUNCHER"] == "kubernetes" and config["MAX_BODY_BYTES"] == 1048576
 
 
 def test_extra_settings_pass_through(chart):
@@ -443,7 +485,10 @@ def test_network_policy_admits_job_pods_and_named_peers(chart):
     assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
     jobs, nginx = rule["from"]
     assert jobs["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": JOBS_NAMESPACE}}
-    assert jobs["podSelector"]["matchLabels"]
+    from service.launchers.k8s_manifest import job_labels
+
+    # The launcher's labels on every job pod, whatever the job's own labels are.
+    assert jobs["podSelector"]["matchLabels"].items() <= job_labels("abc1", {"labels": {"team": "nlp"}}).items()
     assert nginx == ALL_ON["networkPolicy"]["ingressFrom"][0]
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
     dns, postgres = policy["spec"]["egress"]

@@ -106,7 +106,9 @@ Included by the Deployment, which every install renders.
 {{- end }}
 {{- end }}
 
-{{/* Labels the Kubernetes launcher puts on every job pod (service/launchers/k8s_manifest.py). */}}
+{{/* Labels the Kubernetes launcher puts on every job pod (base_labels in service/launchers/k8s_manifest.py). */}}
 {{- define "sftops.jobPodLabels" -}}
+app.kubernetes.io/name: sftops
+app.kubernetes.io/component: job
 app.kubernetes.io/managed-by: sftops
 {{- end }}
