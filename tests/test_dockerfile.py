@@ -230,7 +230,7 @@ def test_job_caches_live_under_cache_and_tmp(dockerfile):
     env = " ".join(rest for keyword, rest in stages["job"].instructions if keyword == "ENV")
     settings = dict(re.findall(r"(\w+)=(\S+)", env))
     assert settings["SFTOPS_MODEL_CACHE"] == "/cache"
-    assert settings["HF_HOME"] == "/cache/huggingface"
+    assert settings["HF_HOME"] == "/cache/hf"
     for name in ("TORCH_HOME", "TRITON_CACHE_DIR", "XDG_CACHE_HOME", "MPLCONFIGDIR", "HOME"):
         assert settings[name].startswith(("/cache", "/tmp")), name
 
@@ -241,3 +241,33 @@ def test_dockerignore_keeps_secrets_and_venv_out():
     assert rules[0] == "*"
     allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
     assert allowed == {"pyproject.toml", "README.md", "job", "service"}
+
+
+def test_job_image_agrees_with_the_launchers_pod(dockerfile):
+    """The pod the Kubernetes launcher builds runs this image as it is meant to run.
+
+    Same uid, the same cache locations where both set one, and every path the image writes to on a
+    writable volume of the pod (its root filesystem is read-only).
+    """
+    from job.spec import parse_spec
+    from service.launchers.k8s_manifest import KubernetesSettings, build_job
+
+    _, stages = dockerfile
+    spec = parse_spec({"name": "demo", "base_model": "s3://m/base/", "dataset": "s3://d/x.jsonl", "output": "s3://o/"})
+    job = build_job("abc1", spec.model_dump(mode="json"), KubernetesSettings())
+    pod = job.spec.template.spec
+    (container,) = pod.containers
+    uid = effective_user(stages, "job").split(":")
+    assert [str(pod.security_context.run_as_user), str(pod.security_context.run_as_group)] == uid
+    assert container.security_context.read_only_root_filesystem is True
+
+    env = " ".join(rest for keyword, rest in stages["job"].instructions if keyword == "ENV")
+    image_env = dict(re.findall(r"(\w+)=(\S+)", env))
+    pod_env = {e.name: e.value for e in container.env if e.value is not None}
+    for name in sorted(set(image_env) & set(pod_env)):
+        assert image_env[name] == pod_env[name], f"{name}: image {image_env[name]}, pod {pod_env[name]}"
+    mounts = [m.mount_path for m in container.volume_mounts if not m.read_only]
+    for name in ("SFTOPS_MODEL_CACHE", "HF_HOME", "TORCH_HOME", "TRITON_CACHE_DIR", "XDG_CACHE_HOME", "MPLCONFIGDIR"):
+        path = image_env[name]
+        assert any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts), f"{name}={path}: not writable"
+    assert container.command[0] in ("python", "torchrun"), "the venv on PATH provides both"
