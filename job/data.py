@@ -209,7 +209,9 @@ def load_rows(path: Path, name: str, fmt: str = "auto") -> dict[str, Any]:
                     reason += f" (the file's format is {detected}, detected at {detected_at}; use one format per file)"
                 problems.append(f"{where(n)}: {reason}")
             continue
-        line = dumps({"messages": turns})
+        # orjson's result keeps its ~4 KiB write buffer; slicing copies it to an exact-size object,
+        # which cuts the memory of a million kept rows from ~4 GB to ~0.4 GB.
+        line = dumps({"messages": turns}, option=orjson.OPT_APPEND_NEWLINE)[:-1]
         if line in seen:
             duplicates += 1
             continue

@@ -17,9 +17,9 @@ import orjson
 
 FORMATS = ("messages", "alpaca", "sharegpt", "prompt_completion")
 ROLES = ("system", "user", "assistant")
-_ROLE_SET = frozenset(ROLES)
 # ShareGPT speakers; "user"/"assistant" appear in many ShareGPT-style exports too.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_MESSAGE_ROLES = {role: role for role in ROLES}
 FILE_TYPES = ("jsonl", "json", "csv", "parquet")
 # Fields that hold lists; CSV cells (and some Parquet exports) carry them as JSON text.
 LIST_FIELDS = ("messages", "conversations")
@@ -74,28 +74,40 @@ def normalize(row: Any, fmt: str) -> list[dict[str, str]]:
     if not isinstance(row, dict):
         raise RowError(f"expected a JSON object, got a JSON {type_name(row)}")
     if fmt == "messages":
-        turns, labels = _turns(_list_field(row, "messages"), "messages", "role", "content", None)
+        turns = _turns(_list_field(row, "messages"), "messages", "role", "content", _MESSAGE_ROLES)
+
+        def labels():
+            return [f"messages[{i}]" for i in range(len(turns))]
     elif fmt == "sharegpt":
-        turns, labels = _turns(_list_field(row, "conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
+        turns = _turns(_list_field(row, "conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
         system = row.get("system")
-        if system is not None and _text(system, "'system'", allow_empty=True).strip() and turns[0]["role"] != "system":
+        added = system is not None and bool(_text(system, "'system'", allow_empty=True).strip())
+        added = added and turns[0]["role"] != "system"
+        if added:
             turns.insert(0, {"role": "system", "content": system})
-            labels.insert(0, "'system'")
+
+        def labels():
+            return ["'system'"] * added + [f"conversations[{i}]" for i in range(len(turns) - added)]
     elif fmt == "alpaca":
         turns, labels = _alpaca(row)
     elif fmt == "prompt_completion":
         turns, labels = _prompt_completion(row)
     else:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
-    _check_structure(turns, labels)
+    problem = _structure_problem(turns)
+    if problem is not None:
+        index, template = problem
+        raise RowError(template.format(label=labels()[index]))
     return turns
 
 
 def _list_field(row: dict, name: str) -> list:
     """A list-valued field, parsed from JSON text when it came from a CSV cell; raises RowError."""
-    if name not in row:
-        raise RowError(f"missing field '{name}' ({describe_keys(row)})")
-    value = row[name]
+    value = row.get(name)
+    if type(value) is list and value:
+        return value
+    if value is None:
+        raise RowError(f"missing field '{name}' ({describe_keys(row)})" if name not in row else f"'{name}' is null")
     if isinstance(value, str):
         try:
             value = orjson.loads(value)
@@ -108,28 +120,41 @@ def _list_field(row: dict, name: str) -> list:
     return value
 
 
-def _turns(items: list, field: str, role_key: str, text_key: str, role_map: dict | None):
-    """Validate turn objects and map their roles; returns (turns, labels for error messages)."""
+def _turns(items: list, field: str, role_key: str, text_key: str, role_map: dict[str, str]) -> list[dict[str, str]]:
+    """Validate turn objects and map their roles to system/user/assistant; raises RowError naming the turn."""
     turns = []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise RowError(f"{field}[{i}] must be an object with '{role_key}' and '{text_key}', got a JSON {type_name(item)}")
-        raw_role = item.get(role_key)
-        role = raw_role if role_map is None else role_map.get(raw_role) if isinstance(raw_role, str) else None
-        if role not in _ROLE_SET:
-            if raw_role is None:
-                raise RowError(f"{field}[{i}].{role_key} is missing")
-            known = ", ".join(ROLES if role_map is None else ("system", "human", "gpt"))
-            raise RowError(f"{field}[{i}].{role_key} {raw_role!r} is not one of {known}")
-        content = item.get(text_key)
-        if type(content) is not str:
-            if content is None:
-                raise RowError(f"{field}[{i}].{text_key} is missing ({role} turn)")
-            raise RowError(f"{field}[{i}].{text_key} must be a string, got a JSON {type_name(content)} ({role} turn)")
-        if not content or content.isspace():
-            raise RowError(f"{field}[{i}].{text_key} is empty ({role} turn)")
-        turns.append({"role": role, "content": content})
-    return turns, [f"{field}[{i}]" for i in range(len(turns))]
+    append = turns.append
+    for item in items:
+        # Fast path for a well-formed turn; anything odd is diagnosed by _turn_error.
+        try:
+            role = role_map[item[role_key]]
+            content = item[text_key]
+        except (KeyError, TypeError):
+            raise _turn_error(item, len(turns), field, role_key, text_key, role_map) from None
+        if type(content) is not str or not content or content.isspace():
+            raise _turn_error(item, len(turns), field, role_key, text_key, role_map)
+        append({"role": role, "content": content})
+    return turns
+
+
+def _turn_error(item: Any, i: int, field: str, role_key: str, text_key: str, role_map: dict[str, str]) -> RowError:
+    """Why turn `i` is invalid."""
+    where = f"{field}[{i}]"
+    if not isinstance(item, dict):
+        return RowError(f"{where} must be an object with '{role_key}' and '{text_key}', got a JSON {type_name(item)}")
+    raw_role = item.get(role_key)
+    role = role_map.get(raw_role) if isinstance(raw_role, str) else None
+    if role is None:
+        if raw_role is None:
+            return RowError(f"{where}.{role_key} is missing")
+        known = ", ".join(ROLES if role_map is _MESSAGE_ROLES else ("system", "human", "gpt"))
+        return RowError(f"{where}.{role_key} {raw_role!r} is not one of {known}")
+    content = item.get(text_key)
+    if content is None:
+        return RowError(f"{where}.{text_key} is missing ({role} turn)")
+    if type(content) is not str:
+        return RowError(f"{where}.{text_key} must be a string, got a JSON {type_name(content)} ({role} turn)")
+    return RowError(f"{where}.{text_key} is empty ({role} turn)")
 
 
 def _text(value: Any, label: str, allow_empty: bool = False) -> str:
@@ -157,7 +182,7 @@ def _alpaca(row: dict):
     if system.strip():
         turns.insert(0, {"role": "system", "content": system})
         labels.insert(0, "'system'")
-    return turns, labels
+    return turns, lambda: labels
 
 
 def _prompt_completion(row: dict):
@@ -168,30 +193,32 @@ def _prompt_completion(row: dict):
         if isinstance(value, list):
             if not value:
                 raise RowError(f"'{field}' is empty")
-            part, part_labels = _turns(value, field, "role", "content", None)
+            part = _turns(value, field, "role", "content", _MESSAGE_ROLES)
+            labels += [f"{field}[{i}]" for i in range(len(part))]
         else:
-            part, part_labels = [{"role": role, "content": _text(value, f"'{field}'")}], [f"'{field}'"]
+            part = [{"role": role, "content": _text(value, f"'{field}'")}]
+            labels.append(f"'{field}'")
         turns += part
-        labels += part_labels
-    return turns, labels
+    return turns, lambda: labels
 
 
-def _check_structure(turns: list[dict[str, str]], labels: list[str]) -> None:
-    """Optional system first, then a user turn, ..., and an assistant turn last; raises RowError."""
+def _structure_problem(turns: list[dict[str, str]]) -> tuple[int, str] | None:
+    """None for optional system, user, ..., assistant; else (turn index, message template with {label})."""
     roles = [t["role"] for t in turns]
-    if "user" not in roles:
-        raise RowError("the conversation has no user turn")
-    if roles[-1] != "assistant":
-        raise RowError(f"the conversation must end with an assistant turn, but {labels[-1]} is a {roles[-1]} turn")
     start = 1 if roles[0] == "system" else 0
+    if roles[-1] == "assistant" and len(roles) > start and roles[start] == "user" and roles.count("system") == start:
+        return None
+    if "user" not in roles:
+        return 0, "the conversation has no user turn"
+    if roles[-1] != "assistant":
+        return len(roles) - 1, f"the conversation must end with an assistant turn, but {{label}} is a {roles[-1]} turn"
     for i in range(start, len(roles)):
         if roles[i] == "system":
-            raise RowError(f"{labels[i]} is a system turn; a system turn is only allowed first")
-    if roles[start] != "user":
-        raise RowError(
-            f"the conversation must start with a user turn (after an optional system turn), "
-            f"but {labels[start]} is an {roles[start]} turn"
-        )
+            return i, "{label} is a system turn; a system turn is only allowed first"
+    return start, (
+        "the conversation must start with a user turn (after an optional system turn), "
+        f"but {{label}} is an {roles[start]} turn"
+    )
 
 
 def file_type(name: str, head: bytes) -> str | None:
