@@ -235,13 +235,19 @@ def test_recycled_pid_is_not_mistaken_for_the_runner(tmp_path, scripts):
     assert process_alive(me, int(Path(f"/proc/{me}/stat").read_text().rsplit(")", 1)[1].split()[19]))
 
 
-def test_repeated_submit_of_a_running_job_returns_the_same_run(tmp_path, scripts):
-    """Submitting a job whose runner still lives does not start a second copy."""
-    launcher = make(tmp_path, scripts["graceful"], grace_seconds=1)
-    handle = launcher.submit(request())
-    assert launcher.submit(request()) == handle
-    launcher.cancel("job1", handle)
-    wait_done(launcher, "job1", handle)
+def test_submitting_a_running_job_again_replaces_the_run(tmp_path, scripts):
+    """A second submit (new token) stops the earlier run first: never two runs of one job at once."""
+    launcher = make(tmp_path, scripts["graceful"], grace_seconds=5)
+    log = tmp_path / "data" / "jobs" / "job1" / "job.log"
+    first = launcher.submit(request())
+    wait_for(lambda: "ready" in log.read_text())
+    second = launcher.submit(request())
+    assert second != first
+    assert launcher.poll("job1", second).state == "running"
+    assert not process_alive(json.loads(first)["pid"], json.loads(first)["start_time"])
+    assert log.read_text().count("got SIGTERM") == 1
+    launcher.cancel("job1", second)
+    assert wait_done(launcher, "job1", second).state == "failed"
 
 
 def test_missing_command_fails_with_127(tmp_path):
@@ -287,3 +293,16 @@ def test_last_log_line(tmp_path):
     assert last_log_line(log) == "second"
     log.write_text("x" * 2000 + "\n")
     assert last_log_line(log) == "x" * 497 + "..."
+
+
+def test_real_job_command_bad_input(tmp_path):
+    """The default command really runs `python -m job run --spec spec.json`: a missing dataset fails with exit 2."""
+    spec = {"name": "demo", "base_model": str(tmp_path / "model"), "dataset": str(tmp_path / "missing.jsonl"),
+            "output": str(tmp_path / "out")}
+    launcher = LocalLauncher(tmp_path / "data")
+    # nothing listens on port 9: the job's reporter retries in the background and must not block the exit
+    handle = launcher.submit(LaunchRequest(job_id="real1", spec=spec, token=TOKEN, plane_url="http://127.0.0.1:9"))
+    status = wait_done(launcher, "real1", handle, timeout=30)
+    assert (status.state, status.exit_code) == ("failed", 2)
+    assert status.message.startswith(f"exit code 2: error: dataset {tmp_path / 'missing.jsonl'}: not found")
+    assert TOKEN not in all_files_text(tmp_path / "data")

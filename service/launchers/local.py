@@ -119,8 +119,9 @@ class LocalLauncher:
         job_dir = self.job_dir(request.job_id)
         existing = self._live_handle(job_dir)
         if existing is not None:
-            # a plane that died between submit and storing the handle asks again: never start twice
-            return existing
+            # A plane that died between submit and storing the handle launches the job again with a new
+            # token; the old run could no longer report, and two runs must never share an output.
+            self._stop_stale_run(request.job_id, existing)
         try:
             job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             for stale in (EXIT_CODE_FILE, CHILD_PID_FILE, CANCEL_FILE, LAUNCH_FILE):
@@ -239,6 +240,21 @@ class LocalLauncher:
             proc = self._children.get(pid)
             if proc is not None and proc.poll() is not None:
                 del self._children[pid]
+
+    def _stop_stale_run(self, job_id: str, handle: str) -> None:
+        """Stop an earlier run of the same job before starting anew: SIGTERM, then SIGKILL after the grace period."""
+        pid, start_time, _ = self._parse_handle(job_id, handle)
+        log.warning("local job %s: stopping an earlier run (runner pid %d) before launching it again", job_id, pid)
+        self._signal(pid, signal.SIGTERM, group=False)
+        deadline = time.monotonic() + self.grace_seconds
+        while process_alive(pid, start_time) and time.monotonic() < deadline:
+            self._reap(pid)
+            time.sleep(0.05)
+        if process_alive(pid, start_time):
+            self._signal(pid, signal.SIGKILL, group=True)
+            while process_alive(pid, start_time):
+                self._reap(pid)
+                time.sleep(0.05)
 
     @staticmethod
     def _exit_code(job_dir: Path) -> int | None:
