@@ -508,6 +508,16 @@ def test_pdb_and_ingress_point_at_the_plane(chart):
     assert backend == {"name": service["metadata"]["name"], "port": {"name": "http"}}
 
 
+def test_packaged_chart_renders_the_same(chart_dir, chart, tmp_path):
+    """`helm package` keeps the alerts and dashboard (not promtool's tests) and renders identically."""
+    archive = helm.package(chart_dir, destination=tmp_path)
+    with helm.Chart.load(archive) as packaged:
+        names = {f["name"] for f in packaged.files}
+        assert {"files/alerts.yaml", "files/dashboard.json"} <= names
+        assert "files/alerts_test.yaml" not in names
+        assert render(packaged, ALL_ON) == render(chart, ALL_ON)
+
+
 # ------------------------------------------------------------------------------------- docs
 
 
