@@ -61,7 +61,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "cancelled": frozenset(),
 }
 TRAIN, EVAL = 0, 1
-HEALTH_WINDOW = 1000  # trailing points per series the health analysis sees on each report
+HEALTH_WINDOW = 1000  # points per series sampled from the run's tail for the health analysis on each report
+HEALTH_TAIL_FRACTION = 0.3  # the tail covers the analysis' trailing window (job.health: last 20% of steps)
+HEALTH_HEAD = 32  # the first points, from which the analysis takes the start level
 CALLBACK_MAX_ATTEMPTS = 6
 
 _Id = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements only INTEGER PRIMARY KEY
@@ -617,24 +619,38 @@ class Store:
         conn.execute(stmt, rows)
 
     def _health(self, conn: Connection, row, curve: dict) -> dict | None:
-        """Run job.health.analyze on a trailing window of each series plus its first and lowest point."""
+        """Run job.health.analyze on a bounded sample: the first points, the lowest, and the run's tail.
+
+        The tail is the last HEALTH_TAIL_FRACTION of the steps, thinned to about HEALTH_WINDOW points (every
+        k-th; non-finite points always kept), so the work per report stays bounded for 100k-step runs.
+        """
         from job.health import analyze
 
         spec = _loads(row["spec"])
         health_spec = spec.get("health") or {}
         series = {}
         for number, name in ((TRAIN, "train"), (EVAL, "eval")):
+            mine = (points.c.job_id == row["id"]) & (points.c.series == number)
+            cols = (points.c.step, points.c.loss, points.c.nonfinite)
+            last = conn.execute(select(points.c.step).where(mine).order_by(points.c.step.desc()).limit(1)).scalar()
+            if last is None:
+                series[name] = []
+                continue
+            low = last - max(int(last * HEALTH_TAIL_FRACTION), HEALTH_WINDOW)
+            tail = mine & (points.c.step >= low)
+            count = conn.execute(select(func.count()).select_from(points).where(tail)).scalar_one()
+            stride = max(1, math.ceil(count / HEALTH_WINDOW))
+            numbered = select(*cols, func.row_number().over(order_by=points.c.step).label("rn")).where(tail).subquery()
             rows = conn.execute(
-                select(points.c.step, points.c.loss, points.c.nonfinite)
-                .where(points.c.job_id == row["id"], points.c.series == number)
-                .order_by(points.c.step.desc())
-                .limit(HEALTH_WINDOW)
+                select(numbered.c.step, numbered.c.loss, numbered.c.nonfinite).where(
+                    or_((numbered.c.rn - 1) % stride == 0, numbered.c.step == last, numbered.c.nonfinite)
+                )
             ).all()
+            rows += conn.execute(select(*cols).where(mine).order_by(points.c.step).limit(HEALTH_HEAD)).all()
             by_step = {s: (math.nan if nf else loss) for s, loss, nf in rows}
-            for key in ("first", "min"):
-                pinned = curve.get(name, {}).get(key)
-                if pinned is not None:
-                    by_step.setdefault(int(pinned[0]), float(pinned[1]))
+            pinned = curve.get(name, {}).get("min")
+            if pinned is not None:
+                by_step.setdefault(int(pinned[0]), float(pinned[1]))
             series[name] = sorted(by_step.items())
         try:
             return analyze(
