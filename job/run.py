@@ -155,8 +155,6 @@ def prepare(spec: JobSpec, splits_dir: Path) -> dict[str, Any]:
         spec.dataset, splits_dir, fmt=spec.format, split=spec.split, min_rows=spec.min_rows, on_invalid=spec.on_invalid
     )
     log.info("data: %s rows valid of %s read, splits %s", report["rows_valid"], report["rows_read"], report["splits"])
-    for warning in report.get("warnings", []):
-        log.warning("data: %s", warning)
     return report
 
 
