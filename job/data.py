@@ -95,11 +95,20 @@ def _read_jsonl(path: Path, gz: bool, name: str) -> Iterator[tuple[int, Any]]:
                 try:
                     # orjson treats the trailing \n or \r\n as JSON whitespace.
                     yield lineno, loads(line)
-                except decode_error as e:
+                except decode_error:
                     if line.strip():
-                        yield lineno, _Bad(f"invalid JSON: {e}")
+                        yield lineno, _Bad(_json_problem(line))
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise InputError(f"{name}: corrupt or truncated gzip data ({e})") from None
+
+
+def _json_problem(line: bytes) -> str:
+    """Why one JSONL line is not JSON, with the column within that line."""
+    try:
+        orjson.loads(line.rstrip(b"\r\n"))
+    except orjson.JSONDecodeError as e:
+        return f"invalid JSON: {e.msg} at column {e.colno}"
+    return "invalid JSON"
 
 
 def _read_json_array(path: Path, gz: bool, name: str) -> Iterator[tuple[int, Any]]:
@@ -139,8 +148,15 @@ def _read_csv(path: Path, gz: bool, name: str) -> Iterator[tuple[int, Any]]:
                 yield start, _Bad(f"has {len(record)} fields, but the header has {len(header)}")
                 continue
             yield start, dict(zip(header, record, strict=True))
-    except UnicodeDecodeError as e:
-        raise InputError(f"{name}: not UTF-8 text near line {last_line + 1} ({e.reason})") from None
+    except UnicodeDecodeError:
+        # The decoder reads ahead in chunks, so find the offending line in the raw bytes.
+        raw_bytes = _read_all(path, gz, name)
+        try:
+            raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw_bytes.count(b"\n", 0, e.start) + 1
+            raise InputError(f"{name}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
+        raise
     except csv.Error as e:
         raise InputError(f"{name}:{last_line + 1}: malformed CSV: {e}") from None
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
@@ -196,6 +212,8 @@ def load_rows(path: Path, name: str, fmt: str = "auto") -> dict[str, Any]:
             if type(row) is _Bad:
                 raise RowError(row.reason)
             if detected is None:
+                if type(row) is not dict:
+                    raise RowError(f"expected a JSON object, got a JSON {formats.type_name(row)}")
                 detected = formats.detect(row)
                 if detected is None:
                     raise formats.unrecognized(row)
