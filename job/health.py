@@ -10,26 +10,36 @@ How a curve is read
   test split, so it is used as reported.
 - The slope is a least-squares fit of the smoothed values against the step over a trailing window: the last
   `window_fraction` of the run's steps (at least `min_window_points` points). The window is kept as at most
-  `max_window_buckets` buckets of summed (n, x, y, xx, xy): when it would grow past that, neighbours merge, so
-  memory stays bounded while the fit stays exact over the points the window holds.
-- `tail_change` is that slope projected over `window_fraction` of the run, relative to the current level:
-  "how much would the loss still move over the last fifth of this run". It is scale free, so the same
-  thresholds work for a 50-step smoke test and a 100,000-step run.
+  `max_window_buckets` buckets of summed moments: when it would grow past that, neighbours merge, so memory
+  stays bounded while the fit stays exact over the points the window holds. Uneven logging intervals are
+  fine: the fit is against the step, not the point index.
+- A trend counts only when it is significant: the raw values' slope (whose residuals are independent from
+  step to step) must be `trend_t` standard errors from zero to call the curve falling, `rise_t` to call it
+  rising. Otherwise noise alone would make flat runs "still improving" or "diverging".
+- `tail_change` is the slope projected over `window_fraction` of the run, relative to the level: "how much
+  would the loss still move over the last fifth of this run". It is scale free, so the same thresholds work
+  for a 50-step smoke test and a 100,000-step run.
+- The level ("where the loss sits now") is the fitted end of the window when it trends, else the window's
+  mean; the floor is the lowest window mean so far. Both average many points, so band and rise decisions
+  do not hang on one noisy median.
 
 Verdicts, in order of precedence (the first that applies wins):
-1. `diverging`: a non-finite train or eval loss (at any run length), or, with enough points, the smoothed
-   train loss rising by more than `rise_tolerance` over the trailing window and above its minimum by as
-   much, or at least `spike_count` raw losses above `spike_ratio` x the smoothed level inside the window.
+1. `diverging`: a non-finite train or eval loss (at any run length); or, with enough points, train rising
+   (significant, more than `rise_tolerance` over the last `window_fraction` of the run, and more than
+   `rise_tolerance` above its floor), or its level more than `max_rise` above the floor whatever the slope,
+   or at least `spike_count` raw losses above `spike_ratio` x the running median inside the window.
 2. `insufficient_data`: fewer than `min_train_points` train losses, so no trend can be told from noise.
-3. `overfitting`: eval rose over the last `overfit_evals` evaluations (by more than `eval_rise_tolerance`
-   in all) while train fell; or eval sits more than `overfit_margin` above its minimum while train is lower
-   than when eval was at its best; or eval is far above train (check 3) with train below the target band.
-4. `not_learning`: train improved less than `min_improvement` from its start and is not falling now.
+3. `overfitting`: eval rose at each of the last `overfit_evals` evaluations (by more than
+   `eval_rise_tolerance` above its best) while train fell; or eval sits more than `overfit_margin` above its
+   best while train is lower than it was then; or eval is far above train (check 3) with train below the band.
+4. `not_learning`: train improved less than `min_improvement` from its start level and is not falling now.
 5. `still_improving`: train is still falling at the end (tail_change below -flat_tolerance): train longer
    or add data.
 6. `plateau_high`: train has flattened above the target band.
-7. `healthy`: none of the above. Failed checks that do not decide a verdict (eval below train, a final train
-   loss below the band) are added to `reasons` as warnings.
+7. `healthy`: none of the above. Failed checks that do not decide the verdict (eval below train, a final
+   train loss below the band, no eval at all) are added to `reasons` as warnings.
+Diverging comes first because its cause (the optimiser) also breaks every other reading; overfitting before
+not_learning/still_improving because eval getting worse is what a user must act on even if train looks fine.
 
 The five checks (each pass / fail / n/a with the numbers behind it): (1) train and eval both went down,
 (2) the final train loss is in the target band, (3) train is a little below eval, (4) train flattened at
@@ -65,6 +75,9 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     # A trend counts only when the slope is 2 standard errors from zero (~95%): noise alone must not make a
     # flat run "still improving" or "rising".
     "trend_t": 2.0,
+    # Rising needs 3 standard errors: "diverging" pages someone, and a live run is tested at every point,
+    # so a false alarm must be much rarer than a false "still improving".
+    "rise_t": 3.0,
     # The start level is the median of the first 5% of train points (at least smooth_points, at most 256):
     # one median of 9 noisy per-step losses is too rough to tell a 5% improvement.
     "start_fraction": 0.05,
@@ -302,13 +315,18 @@ class _Series:
         return self._start[1]
 
     def trend(self) -> int:
-        """-1 falling, +1 rising, 0 flat or not significant (slope within trend_t standard errors of zero)."""
+        """-1 falling, +1 rising, 0 flat or not significant (slope within trend_t / rise_t standard errors)."""
         t = self.window.t_value()
+        if t is None:
+            return 0
         # Few points make the standard error itself uncertain: widen the bar like Student's t does
         # (2.0 becomes ~2.5 at 6 degrees of freedom, ~2.15 at 20).
-        if t is None or abs(t) < self.th["trend_t"] * (1 + 1.5 / (self.window.n - 2)):
-            return 0
-        return 1 if t > 0 else -1
+        small_sample = 1 + 1.5 / (self.window.n - 2)
+        if t <= -self.th["trend_t"] * small_sample:
+            return -1
+        if t >= self.th["rise_t"] * small_sample:
+            return 1
+        return 0
 
     def level(self) -> float | None:
         """Where the loss sits now: the fitted end of the window when it trends, else the window's mean."""
@@ -366,8 +384,8 @@ class _Facts:
     level: float | None  # train level now (see _Series.level)
     improvement: float | None  # (start - level) / start
     tail: float | None  # relative change over the last window_fraction of the run
-    falling: bool  # significantly and materially falling at the end
-    rising: bool  # significantly and materially rising at the end
+    falling: bool  # significantly (trend_t) and materially (flat_tolerance) falling at the end
+    rising: bool  # significantly (rise_t) and materially (flat_tolerance) rising at the end
     gap: float | None  # eval - train at the latest eval
     gap_ratio: float | None  # gap / train
     train_at_eval: float | None  # train running median at the latest eval
@@ -568,8 +586,8 @@ class HealthTracker:
         values = {"gap": f.gap, "gap_ratio": f.gap_ratio, "train": f.train_at_eval,
                   "eval": self.recent_evals[-1][1] if self.recent_evals else None,
                   "max_gap_ratio": th["max_gap_ratio"], "leak_margin": th["leak_margin"]}
-        if f.gap_ratio is None:
-            return _check(3, name, "n/a", "no eval loss paired with a train loss yet", values)
+        if f.gap_ratio is None or not f.enough:
+            return _check(3, name, "n/a", "no eval loss paired with enough train loss yet", values)
         if f.gap_ratio > th["max_gap_ratio"]:
             return _check(3, name, "fail", f"eval loss is {100 * f.gap_ratio:.0f}% above train (gap {f.gap:.4g}): "
                           "far above means overfitting; train fewer epochs or add data", values)
