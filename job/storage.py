@@ -218,7 +218,7 @@ def _local_error(uri: str, err: OSError) -> StorageError:
         return StorageError(f"{uri}: permission denied")
     if isinstance(err, IsADirectoryError):
         return StorageError(f"{uri}: is a directory, expected a file")
-    if isinstance(err, NotADirectoryError):
+    if isinstance(err, NotADirectoryError | FileExistsError):  # mkdir(exist_ok=True) only fails so on a file
         return StorageError(f"{uri}: a parent of this path is a file, not a directory")
     return StorageError(f"{uri}: {err.strerror or err}")
 
