@@ -42,6 +42,7 @@ class Request:
     query: dict[str, list[str]]
     body: Any
     content_type: str | None
+    authorization: str | None = None
 
 
 @dataclass
@@ -106,7 +107,9 @@ class FakeKube:
                 """Read the request, let the fake answer, write the JSON reply."""
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                status, body = fake.handle(self.command, self.path, raw, self.headers.get("Content-Type"))
+                status, body = fake.handle(
+                    self.command, self.path, raw, self.headers.get("Content-Type"), self.headers.get("Authorization")
+                )
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -164,13 +167,15 @@ class FakeKube:
 
     # -- the API -------------------------------------------------------------------------------
 
-    def handle(self, method: str, raw_path: str, raw: bytes, content_type: str | None) -> tuple[int, dict]:
+    def handle(
+        self, method: str, raw_path: str, raw: bytes, content_type: str | None, authorization: str | None = None
+    ) -> tuple[int, dict]:
         """Answer one request: (HTTP status, JSON body)."""
         url = urlsplit(raw_path)
         query = parse_qs(url.query)
         body = json.loads(raw) if raw else None
         with self.lock:
-            self.requests.append(Request(method, url.path, query, body, content_type))
+            self.requests.append(Request(method, url.path, query, body, content_type, authorization))
             for failure in self.failures:
                 if failure.times > 0 and failure.method == method and failure.path.search(url.path):
                     failure.times -= 1

@@ -322,3 +322,29 @@ def test_bad_handle(launcher, handle):
         launcher.poll("job1", handle)
     assert info.value.reason == "BadHandle"
     assert launcher.capacity() is None
+
+
+def test_kubeconfig_is_used_without_a_client(fake, tmp_path, monkeypatch):
+    """Outside a cluster the launcher reads KUBECONFIG and talks to the server it names."""
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
+        "users": [{"name": "me", "user": {"token": "kubeconfig-token"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me", "namespace": NS}}],
+    }))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    kl = KubernetesLauncher(KubernetesSettings(namespace=NS))
+    kl.submit(REQUEST)
+    assert fake.get("jobs", NS, "sftops-job1") is not None
+    assert {r.authorization for r in fake.requests} == {"Bearer kubeconfig-token"}
+
+
+def test_no_credentials_is_a_launch_error(tmp_path, monkeypatch):
+    """Neither in a cluster nor a kubeconfig: NoCredentials, saying what to do."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    with pytest.raises(LaunchError, match="no Kubernetes credentials") as info:
+        KubernetesLauncher(KubernetesSettings(namespace=NS))
+    assert info.value.reason == "NoCredentials"

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -87,8 +88,6 @@ class KubernetesSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, Any] | None = None, prefix: str = "SFTOPS_K8S_") -> KubernetesSettings:
         """Read SFTOPS_K8S_* (or `prefix`*: pass app.config with prefix "K8S_"); raises ValueError naming the variable."""
-        import os
-
         env = os.environ if env is None else env
         fields = {f.name: f for f in dataclasses.fields(cls)}
         known = {prefix + name.upper(): name for name in fields}

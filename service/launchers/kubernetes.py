@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import urllib3
@@ -45,7 +46,10 @@ def load_api_client() -> client.ApiClient:
         config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
         try:
-            config.load_kube_config(client_configuration=configuration, persist_config=False)
+            # read KUBECONFIG now: the client reads it once at import time
+            config.load_kube_config(
+                config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration, persist_config=False
+            )
         except (config.ConfigException, OSError) as e:
             raise LaunchError(
                 "no Kubernetes credentials: the plane is not running in a cluster and has no usable kubeconfig "
