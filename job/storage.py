@@ -7,6 +7,7 @@ one-line StorageError that names the URI; boto3 is imported only when an s3:// U
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -120,6 +121,9 @@ def client():
             return cached
         import boto3
         from botocore.config import Config
+
+        # Under the job's INFO logging botocore announces where it found credentials on every client; noise.
+        logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
 
         config = Config(
             retries={"mode": "adaptive", "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS))},
