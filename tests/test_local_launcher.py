@@ -159,14 +159,14 @@ def test_cancel_graceful_job_exits_on_sigterm(tmp_path, scripts):
 
 def test_cancel_escalates_to_sigkill_after_grace(tmp_path, scripts):
     """A job ignoring SIGTERM is killed with its whole process group after grace_seconds."""
-    launcher = make(tmp_path, scripts["stubborn"], grace_seconds=0.5)
+    launcher = make(tmp_path, scripts["stubborn"], grace_seconds=1.0)
     handle = launcher.submit(request())
     job_dir = tmp_path / "data" / "jobs" / "job1"
     wait_for(lambda: "ready" in (job_dir / "job.log").read_text())
     child_pid = int((job_dir / "child_pid").read_text())
     launcher.cancel("job1", handle)
     launcher.cancel("job1", handle)  # a second call before the deadline changes nothing
-    time.sleep(0.2)
+    time.sleep(0.1)
     assert launcher.poll("job1", handle).state == "running"  # still in its grace period
     status = wait_done(launcher, "job1", handle, timeout=5)
     assert (status.state, status.reason) == ("failed", "Cancelled")
