@@ -6,6 +6,8 @@ import copy
 import json
 import os
 import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -445,6 +447,18 @@ def test_prometheus_rule_is_the_alerts_file(chart, chart_dir):
     assert alerts["groups"], "files/alerts.yaml has no groups"
     assert rule["spec"]["groups"] == alerts["groups"]
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_rendered_rules_pass_promtool(chart, tmp_path):
+    """The rules as the PrometheusRule carries them (re-serialized by Helm) still load in Prometheus."""
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.fail("promtool not found: `make system-deps` installs Debian's prometheus package")
+    rule = find(render(chart, ALL_ON), "PrometheusRule")
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    result = subprocess.run([promtool, "check", "rules", str(rules_file)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(
