@@ -43,7 +43,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     SFTOPS_BIND=0.0.0.0:8000 \
     SFTOPS_DATA_DIR=/data
-RUN useradd --uid 1000 --user-group --home-dir /app --no-create-home --shell /usr/sbin/nologin sftops \
+RUN groupadd --gid 1000 sftops \
+ && useradd --uid 1000 --gid 1000 --home-dir /app --no-create-home --shell /usr/sbin/nologin sftops \
  && mkdir -p /data \
  && chown 1000:1000 /data
 COPY --from=service-build /opt/venv /opt/venv
@@ -106,15 +107,18 @@ ENV PATH=/opt/venv/bin:$PATH \
     XDG_CACHE_HOME=/cache/xdg \
     MPLCONFIGDIR=/tmp/matplotlib \
     HOME=/tmp
-# Ubuntu 24.04 images already have a user "ubuntu" with uid 1000: replace it.
-RUN if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
- && useradd --uid 1000 --user-group --home-dir /tmp --no-create-home --shell /usr/sbin/nologin sftops \
+# Ubuntu 24.04 images already have a user and group "ubuntu" with id 1000: replace them.
+RUN if id -u ubuntu >/dev/null 2>&1; then userdel ubuntu && rm -rf /home/ubuntu; fi \
+ && if getent group ubuntu >/dev/null; then groupdel ubuntu; fi \
+ && groupadd --gid 1000 sftops \
+ && useradd --uid 1000 --gid 1000 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin sftops \
  && mkdir -p /cache \
  && chown 1000:1000 /cache
 COPY --from=job-build /opt/venv /opt/venv
 COPY --from=job-build /app /app
 WORKDIR /app
 USER 1000:1000
-# The launcher passes `run --spec /etc/sftops/spec.json`; other subcommands work the same way.
+# The Kubernetes launcher sets the whole command (`python -m job run --spec ...`, or torchrun for
+# several GPUs); by hand, `docker run IMAGE prepare --data ... --out ...` runs any subcommand.
 ENTRYPOINT ["python", "-m", "job"]
 CMD ["--help"]
