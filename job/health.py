@@ -49,7 +49,7 @@ the end, (5) if it has not flattened, more training is needed.
 from __future__ import annotations
 
 import math
-from bisect import insort
+from bisect import bisect_right, insort
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -78,8 +78,10 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     # Rising needs 3 standard errors: "diverging" pages someone, and a live run is tested at every point,
     # so a false alarm must be much rarer than a false "still improving".
     "rise_t": 3.0,
-    # The start level is the median of the first 5% of train points (at least smooth_points, at most 256):
-    # one median of 9 noisy per-step losses is too rough to tell a 5% improvement.
+    # The start level is the median of the points in the first 5% of the run's steps (at least
+    # smooth_points of them, at most 256): one median of 5 noisy per-step losses is too rough to tell a 5%
+    # improvement. Counting steps, not points, keeps it right on thinned samples (the plane analyses its
+    # first points plus a thinned tail).
     "start_fraction": 0.05,
     # Not learning = less than 5% below the starting loss; LoRA SFT of an instruct model moves 10%+.
     "min_improvement": 0.05,
@@ -262,6 +264,7 @@ class _Series:
         self.recent: deque[float] = deque()  # last k raw finite values, arrival order
         self.sorted: list[float] = []  # the same values, sorted, for the median
         self.first_raw: list[float] = []  # the first _START_CAP raw finite values (the start level)
+        self.first_steps: list[float] = []  # their steps
         self._start: tuple[int, float] | None = None  # (prefix length, its median), cached
         self.window = _Window(int(th["max_window_buckets"]), min_window)
         self.points = 0
@@ -290,6 +293,7 @@ class _Series:
         spike = len(self.recent) >= 3 and self.last is not None and loss > self.th["spike_ratio"] * self.last > 0
         if len(self.first_raw) < _START_CAP:
             self.first_raw.append(loss)
+            self.first_steps.append(step)
         self.recent.append(loss)
         insort(self.sorted, loss)
         if len(self.recent) > self.k:
@@ -306,10 +310,11 @@ class _Series:
         return True
 
     def start(self) -> float | None:
-        """The starting level: median of the first start_fraction of finite values (see DEFAULT_THRESHOLDS)."""
+        """The starting level: median of the values in the first start_fraction of the steps (see DEFAULT_THRESHOLDS)."""
         if not self.first_raw:
             return None
-        m = min(len(self.first_raw), max(self.k, round(self.th["start_fraction"] * self.finite)))
+        until = self.first_steps[0] + self.th["start_fraction"] * (self.last_step - self.first_steps[0])
+        m = min(len(self.first_raw), max(self.k, bisect_right(self.first_steps, until)))
         if self._start is None or self._start[0] != m:
             self._start = (m, _median_sorted(sorted(self.first_raw[:m])))
         return self._start[1]

@@ -414,3 +414,32 @@ def test_window_stays_bounded_and_exact_on_a_long_run():
     assert 19_000 <= window.span() <= 21_000  # about the last 20% of the run
     assert tracker.analysis()["train"]["slope"] == pytest.approx(true_slope, rel=0.05)
     assert tracker.analysis()["verdict"] == "healthy"
+
+
+def plane_sample(points, head=32, window=1000, tail_fraction=0.3):
+    """What the plane feeds analyze() on each report (service/store.py): the first points, the lowest, and
+    the last 30% of steps thinned to about 1000 points."""
+    last = points[-1][0]
+    low = last - max(int(last * tail_fraction), window)
+    tail = [p for p in points if p[0] >= low]
+    stride = max(1, math.ceil(len(tail) / window))
+    kept = dict(tail[::stride] + [tail[-1]] + points[:head] + [min(points, key=lambda p: p[1])])
+    return sorted(kept.items())
+
+
+@pytest.mark.parametrize(
+    ("train_shape", "eval_shape", "expected"),
+    [(healthy, healthy_eval, "healthy"), (improving, improving, "still_improving"), (plateau, plateau, "plateau_high"),
+     (diverging, healthy_eval, "diverging"), (flat, flat, "not_learning"), (overfit_train, overfit_eval, "overfitting"),
+     (staircase, staircase_eval, "healthy")],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_plane_sample_of_a_long_run_gets_the_same_verdict(train_shape, eval_shape, expected):
+    """20,000 noisy steps judged in full and as the plane's bounded sample (head + thinned tail) agree."""
+    steps = 20_000
+    train = curve(train_shape, steps, sigma=0.2, seed=11)
+    ev = evals(eval_shape, steps, 1000, seed=11)
+    full, sampled = analyze(train, ev), analyze(plane_sample(train), ev)
+    assert len(plane_sample(train)) < 1100
+    assert full["verdict"] == sampled["verdict"] == expected
+    assert sampled["train"]["first"] == pytest.approx(full["train"]["first"], rel=0.1)
