@@ -6,6 +6,9 @@ import json
 from typing import Any
 
 from flask import Flask, current_app, request
+from pydantic import ValidationError
+
+from job.spec import format_validation_error
 
 from service.errors import APIError, error_response
 from service.store import IdempotencyConflict, IllegalTransition, NotFound, Store
@@ -89,3 +92,30 @@ def cursor_arg(name: str = "after") -> int | None:
         raise APIError(400, "invalid_parameter", f"{name} must be a cursor returned as `next`, got {raw!r}",
                        {"parameter": name})
     return int(raw)
+
+
+class _OneError:
+    """One pydantic error in the shape format_validation_error reads."""
+
+    def __init__(self, error: dict):
+        """Wrap a single entry of ValidationError.errors()."""
+        self._error = error
+
+    def errors(self) -> list[dict]:
+        """The wrapped error as a list."""
+        return [self._error]
+
+
+def field_errors(err: ValidationError) -> list[dict[str, str]]:
+    """[{field, message}] for a 422, one per pydantic error, in job.spec's wording.
+
+    Built error by error (not by splitting job.spec.validation_details' lines) because a client's dict key
+    may hold a newline or ": ", which would break a line-based split.
+    """
+    details = []
+    for error in err.errors():
+        loc = tuple(json.dumps(p)[1:-1] if isinstance(p, str) else p for p in error["loc"])
+        path = ".".join(str(p) for p in loc) or "(root)"
+        line = format_validation_error(_OneError({**error, "loc": loc}), "spec")
+        details.append({"field": path, "message": line[len(f"spec: {path}: "):]})
+    return details

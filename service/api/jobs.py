@@ -7,8 +7,8 @@ import re
 from flask import Blueprint, g, jsonify, request, url_for
 from pydantic import ValidationError
 
-from job.spec import JobSpec, dump_spec, validation_details
-from service.api import cursor_arg, int_arg, json_body, store
+from job.spec import JobSpec, dump_spec
+from service.api import cursor_arg, field_errors, int_arg, json_body, store
 from service.auth import require
 from service.errors import APIError
 from service.store import STATUSES, sha256_hex
@@ -42,7 +42,7 @@ def submit():
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
-        details = validation_details(e)
+        details = field_errors(e)
         summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:3])
         raise APIError(422, "invalid_spec", f"invalid job spec: {summary}", details) from None
     job, created = store().create_job(

@@ -7,8 +7,7 @@ from typing import Literal
 from flask import Blueprint, jsonify
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from job.spec import validation_details
-from service.api import json_body, store
+from service.api import field_errors, json_body, store
 from service.api.jobs import JOB_ID_RE
 from service.auth import bearer_token, check_job_token
 from service.errors import APIError
@@ -79,7 +78,7 @@ def post_report(job_id: str):
     try:
         report = Report.model_validate(data)
     except ValidationError as e:
-        details = validation_details(e)
+        details = field_errors(e)
         raise APIError(422, "invalid_report", "invalid report: " + "; ".join(
             f"{d['field']}: {d['message']}" for d in details[:3]), details) from None
     accepted = store().add_report(job_id, report.model_dump())
