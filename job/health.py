@@ -160,7 +160,7 @@ class _Window:
 
     # Moment slots of a bucket and of the running totals; a bucket also ends with its last step.
     N, SX, SXX, SY, SXY, RY, RXY, RYY, SPIKES = range(9)
-    __slots__ = ("buckets", "per_bucket", "max_buckets", "min_points", "origin", "tot")
+    __slots__ = ("buckets", "per_bucket", "max_buckets", "min_points", "origin", "tot", "_fit")
 
     def __init__(self, max_buckets: int, min_points: int) -> None:
         """An empty window of at most max_buckets buckets, never fewer than min_points points."""
@@ -170,6 +170,7 @@ class _Window:
         self.min_points = min_points
         self.origin: float | None = None  # steps are stored relative to the first one, to keep sums small
         self.tot = [0.0] * 9
+        self._fit: tuple[float | None, float | None] | None = None  # (slope, t value), until the next point
 
     @property
     def n(self) -> int:
@@ -189,6 +190,7 @@ class _Window:
         """Append a point, then drop whole buckets that ended before window_start."""
         if self.origin is None:
             self.origin = step
+        self._fit = None
         x = step - self.origin
         moments = (1.0, x, x * x, value, x * value, raw, x * raw, raw * raw, float(spike))
         if not self.buckets or self.buckets[-1][self.N] >= self.per_bucket:
@@ -226,25 +228,33 @@ class _Window:
 
     def slope(self) -> float | None:
         """Least-squares slope (value per step) of the smoothed values, or None with fewer than 2 steps."""
-        sxx = self._sxx()
-        if sxx is None:
-            return None
-        n, sx, sy, sxy = (self.tot[i] for i in (self.N, self.SX, self.SY, self.SXY))
-        return (sxy - sx * sy / n) / sxx
+        if self._fit is None:
+            self._fit = self._compute_fit()
+        return self._fit[0]
 
     def t_value(self) -> float | None:
         """The raw values' least-squares slope over its standard error (None with fewer than 4 points)."""
+        if self._fit is None:
+            self._fit = self._compute_fit()
+        return self._fit[1]
+
+    def _compute_fit(self) -> tuple[float | None, float | None]:
+        """(smoothed slope, raw slope's t value) from the running sums."""
         sxx = self._sxx()
-        n, sx, ry, rxy, ryy = (self.tot[i] for i in (self.N, self.SX, self.RY, self.RXY, self.RYY))
-        if sxx is None or n < 4:
-            return None
+        if sxx is None:
+            return None, None
+        n, sx, sy, sxy, ry, rxy, ryy = (self.tot[i] for i in (self.N, self.SX, self.SY, self.SXY, self.RY, self.RXY,
+                                                                  self.RYY))
+        slope = (sxy - sx * sy / n) / sxx
+        if n < 4:
+            return slope, None
         cxy = rxy - sx * ry / n
-        slope = cxy / sxx
-        residual = max(ryy - ry * ry / n - slope * cxy, 0.0) / (n - 2)
+        raw_slope = cxy / sxx
+        residual = max(ryy - ry * ry / n - raw_slope * cxy, 0.0) / (n - 2)
         se = math.sqrt(residual / sxx)
-        if se <= 1e-12 * max(1e-12, abs(slope)):
-            return math.copysign(math.inf, slope) if slope else 0.0
-        return slope / se
+        if se <= 1e-12 * max(1e-12, abs(raw_slope)):
+            return slope, (math.copysign(math.inf, raw_slope) if raw_slope else 0.0)
+        return slope, raw_slope / se
 
     def span(self) -> float:
         """Steps covered by the window (its first bucket counted from its mean step)."""
@@ -438,7 +448,7 @@ class HealthTracker:
     def analysis(self) -> dict[str, Any]:
         """The current analysis dict (see the module docstring); cached until the next point."""
         if self._cache is None:
-            self._cache = _json_safe(self._analyse())
+            self._cache = self._analyse()
         return self._cache
 
     # -- the judgement --------------------------------------------------------------------------------
@@ -478,8 +488,8 @@ class HealthTracker:
             reasons.append(checks[0]["detail"])
         if not self.eval.points and verdict not in ("insufficient_data", "diverging"):
             reasons.append("no eval loss was logged: overfitting cannot be judged (set training.eval_every)")
-        return {"verdict": verdict, "reasons": reasons, "checks": checks, "train": self.train.summary(),
-                "eval": self.eval.summary(), "gap": f.gap}
+        return {"verdict": verdict, "reasons": reasons, "checks": checks, "train": _finite(self.train.summary()),
+                "eval": _finite(self.eval.summary()), "gap": _number(f.gap)}
 
     def _decide(self, f: _Facts) -> tuple[str, list[str]]:
         """The verdict by the module's precedence, with the reasons behind it."""
@@ -634,19 +644,18 @@ class HealthTracker:
 
 
 def _check(id_: int, name: str, status: str, detail: str, values: dict[str, Any]) -> dict[str, Any]:
-    """One check's dict."""
-    return {"id": id_, "name": name, "status": status, "detail": detail, "values": values}
+    """One check's dict (its values JSON-safe)."""
+    return {"id": id_, "name": name, "status": status, "detail": detail, "values": _finite(values)}
 
 
-def _json_safe(value: Any) -> Any:
-    """Replace non-finite floats with None, recursively (JSON has no NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+def _number(value: Any) -> Any:
+    """None for a non-finite float (JSON has no NaN or inf), else the value."""
+    return None if type(value) is float and not math.isfinite(value) else value
+
+
+def _finite(values: dict[str, Any]) -> dict[str, Any]:
+    """A flat dict of numbers, JSON-safe."""
+    return {k: _number(v) for k, v in values.items()}
 
 
 def analyze(train_points: Iterable[tuple[float, float]], eval_points: Iterable[tuple[float, float]],
