@@ -308,11 +308,8 @@ def prepare(
     out_dir.mkdir(parents=True, exist_ok=True)
     counts, digests = {}, {}
     for name, part in zip(SPLIT_FILES, parts, strict=True):
-        data = b"\n".join(part) + b"\n"
         counts[name] = len(part)
-        digests[name] = hashlib.sha256(data).hexdigest()
-        _write_atomic(out_dir / SPLIT_FILES[name], data)
-        del data
+        digests[name] = _write_lines(out_dir / SPLIT_FILES[name], part)
 
     report = {
         "source": data_uri,
@@ -343,6 +340,19 @@ def _split(rows: list[bytes], ratios: tuple[float, float, float], seed: int) -> 
         return split_rows(rows, ratios, seed)
     except ValueError as e:
         raise InputError(f"split: {e}") from None
+
+
+def _write_lines(path: Path, rows: list[bytes], batch: int = 10_000) -> str:
+    """Write rows as JSON Lines via a temporary name, in batches (no second copy of a split in memory); sha256."""
+    digest = hashlib.sha256()
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        for start in range(0, len(rows), batch):
+            chunk = b"\n".join(rows[start : start + batch]) + b"\n"
+            digest.update(chunk)
+            f.write(chunk)
+    os.replace(tmp, path)
+    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -3,6 +3,10 @@
 S3 goes through boto3 with the standard AWS environment (credentials, region, profile). The endpoint comes
 from `AWS_ENDPOINT_URL_S3` or `S3_ENDPOINT_URL` (MinIO, Ceph, ...), else AWS. Every failure becomes a
 one-line StorageError that names the URI; boto3 is imported only when an s3:// URI is used.
+
+Knobs (environment): AWS_MAX_ATTEMPTS (default 5, adaptive retry mode), SFTOPS_S3_MULTIPART_THRESHOLD and
+SFTOPS_S3_MULTIPART_CHUNKSIZE (bytes; default 64 MiB), SFTOPS_S3_ADDRESSING_STYLE (default "path" with a
+custom endpoint, where virtual-host bucket names rarely resolve).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ MB = 1024 * 1024
 # Connection problems are retried quickly by botocore (non-throttling backoff is 50 ms * 2^n), so a dead
 # endpoint fails within seconds; throttling is paced by the adaptive token bucket.
 DEFAULT_MAX_ATTEMPTS = 5
-CONNECT_TIMEOUT_S = 5
+CONNECT_TIMEOUT_S = 3
 READ_TIMEOUT_S = 60
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "S3_ENDPOINT_URL")
 # Codes S3 (and MinIO/Ceph) use when the caller's identity is not allowed, or not accepted.
