@@ -258,6 +258,9 @@ def prepare(
 ) -> dict[str, Any]:
     """Validate, normalize, de-duplicate and split a dataset; write the three splits and data_report.json.
 
+    The report counts rows_read = rows_valid + rows_invalid; duplicates_removed are valid rows dropped
+    before splitting, so the splits hold rows_valid - duplicates_removed rows.
+
     Raises InputError (bad rows as `FILE:LINE: reason`, too few rows, unreadable file) or StorageError.
     """
     if on_invalid not in ("fail", "skip"):
@@ -328,7 +331,7 @@ def prepare(
         "invalid_examples": problems,
     }
     # Written last: its presence means the splits beside it are complete.
-    _write_atomic(out_dir / REPORT_FILE, orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    storage.write_bytes(str(out_dir / REPORT_FILE), orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
     for w in warnings:
         log.warning("%s", w)
     return report
@@ -353,11 +356,3 @@ def _write_lines(path: Path, rows: list[bytes], batch: int = 10_000) -> str:
             f.write(chunk)
     os.replace(tmp, path)
     return digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write a file via a temporary name and rename, so a reader never sees half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
