@@ -161,3 +161,23 @@ def test_help():
     proc = prepare("--help")
     assert proc.returncode == 0
     assert "--on-invalid" in proc.stdout and "--ratios" in proc.stdout
+
+
+def test_report_is_uploaded_last(s3, tmp_path, monkeypatch):
+    """The splits go up before data_report.json, so an output with a report is always complete."""
+    from job import prepare as prepare_cmd
+    from job import storage
+
+    real_upload, order = storage.upload, []
+
+    def recording_upload(src, uri):
+        """Record the order, then really upload."""
+        order.append(uri.rsplit("/", 1)[1])
+        real_upload(src, uri)
+
+    monkeypatch.setattr(storage, "upload", recording_upload)
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(dataset(150))
+    assert prepare_cmd.main(["--data", str(data), "--out", s3.uri("o/")]) == 0
+    assert order == [*SPLITS, "data_report.json"]
+    assert s3.keys("o/") == sorted(f"o/{name}" for name in order)
