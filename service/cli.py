@@ -265,6 +265,8 @@ def progress_line(job: dict) -> str:
         parts.append(f"step {step}/{total if total else '?'}{pct}")
     elif status == "queued":
         parts.append("waiting to start")
+    elif status == "running":
+        parts.append("starting")
     train = progress.get("train_loss")
     if train is None:
         train = (health.get("train") or {}).get("last")
