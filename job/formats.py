@@ -77,6 +77,7 @@ def normalize(row: Any, fmt: str) -> list[dict[str, str]]:
         turns = _turns(_list_field(row, "messages"), "messages", "role", "content", _MESSAGE_ROLES)
 
         def labels():
+            """Error-message names of the turns (built only for a bad row)."""
             return [f"messages[{i}]" for i in range(len(turns))]
     elif fmt == "sharegpt":
         turns = _turns(_list_field(row, "conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
@@ -87,6 +88,7 @@ def normalize(row: Any, fmt: str) -> list[dict[str, str]]:
             turns.insert(0, {"role": "system", "content": system})
 
         def labels():
+            """Error-message names of the turns, the top-level system first if it was added."""
             return ["'system'"] * added + [f"conversations[{i}]" for i in range(len(turns) - added)]
     elif fmt == "alpaca":
         turns, labels = _alpaca(row)
