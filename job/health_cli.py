@@ -2,8 +2,8 @@
 
 FILE is a Hugging Face `trainer_state.json` (its `log_history`: entries with `loss` are train points,
 entries with `eval_loss` are eval points) or the job's `metrics.jsonl` (one record per line with `step`,
-`train_loss`, `eval_loss`). Exit 0 whatever the verdict (unless --fail-on-unhealthy), 2 for a file that
-cannot be read or parsed.
+`train_loss`, `eval_loss`). Exit 0 whatever the verdict, 2 for a file that cannot be read or parsed;
+with --fail-on-unhealthy, 3 for an unhealthy verdict (the same code as `sftops submit --wait --fail-on-unhealthy`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from job.errors import InputError
 from job.health import DEFAULT_THRESHOLDS, UNHEALTHY_VERDICTS, analyze
 
 Points = list[tuple[int, float]]
+UNHEALTHY_EXIT = 3  # matches service/cli.py, so CI scripts read one code for "the curve is unhealthy"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -30,7 +31,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
                    help=f"override a health threshold (repeatable); names: {', '.join(sorted(DEFAULT_THRESHOLDS))}")
     p.add_argument("--fail-on-unhealthy", action="store_true",
-                   help=f"exit 1 when the verdict is one of {', '.join(sorted(UNHEALTHY_VERDICTS))}")
+                   help=f"exit 3 when the verdict is one of {', '.join(sorted(UNHEALTHY_VERDICTS))}")
     return p.parse_args(argv)
 
 
@@ -162,5 +163,5 @@ def main(argv: list[str]) -> int:
     print(json.dumps(out, indent=2, allow_nan=False))
     if args.fail_on_unhealthy and result["verdict"] in UNHEALTHY_VERDICTS:
         print(f"unhealthy: {result['verdict']}: {'; '.join(result['reasons'][:1])}", file=sys.stderr)
-        return 1
+        return UNHEALTHY_EXIT
     return 0

@@ -86,13 +86,13 @@ def test_metrics_jsonl_diverging_with_nan(tmp_path):
 
 
 def test_target_band_threshold_and_fail_on_unhealthy(tmp_path):
-    """The band and thresholds change the verdict; --fail-on-unhealthy turns an unhealthy verdict into exit 1."""
+    """The band and thresholds change the verdict; --fail-on-unhealthy turns an unhealthy verdict into exit 3."""
     path = metrics_jsonl(tmp_path / "metrics.jsonl", lambda s: 0.9 + 1.0 * math.exp(-6 * s / 300))
     assert json.loads(run_health(path).stdout)["verdict"] == "plateau_high"
     assert json.loads(run_health(path, "--target-band", "0.6,1.0").stdout)["verdict"] == "healthy"
     assert json.loads(run_health(path, "--threshold", "min_train_points=1000").stdout)["verdict"] == "insufficient_data"
     failing = run_health(path, "--fail-on-unhealthy")
-    assert failing.returncode == 1
+    assert failing.returncode == 3
     assert failing.stderr.strip().startswith("unhealthy: plateau_high: train loss flattened at")
     assert run_health(path, "--fail-on-unhealthy", "--target-band", "0.6,1.0").returncode == 0
 
