@@ -15,9 +15,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_health(*args: str) -> subprocess.CompletedProcess:
-    """Run the command as a user would."""
+    """Run the command as a user would: a new `python -m job health` process."""
     return subprocess.run([sys.executable, "-m", "job", "health", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
+
+
+@pytest.fixture
+def health_cmd(capsys):
+    """The same entry (`job.__main__.main`, which maps errors to exit codes) in-process: no interpreter start-up."""
+    from job.__main__ import main
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        """Run `health ARGS` and capture what it prints."""
+        capsys.readouterr()
+        code = main(["health", *map(str, args)])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
 
 
 def healthy_loss(step: int, steps: int = 400) -> float:
@@ -74,10 +89,10 @@ def test_trainer_state_json(tmp_path):
     assert set(out) >= {"verdict", "reasons", "checks", "train", "eval", "gap"}
 
 
-def test_metrics_jsonl_diverging_with_nan(tmp_path):
+def test_metrics_jsonl_diverging_with_nan(tmp_path, health_cmd):
     """A metrics.jsonl whose last train loss is NaN: verdict diverging, exit 0, output is strict JSON."""
     path = metrics_jsonl(tmp_path / "metrics.jsonl", lambda s: float("nan") if s == 300 else healthy_loss(s, 300))
-    result = run_health(path)
+    result = health_cmd(path)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert out["format"] == "metrics.jsonl"
@@ -85,16 +100,16 @@ def test_metrics_jsonl_diverging_with_nan(tmp_path):
     assert out["train"]["nonfinite"] == 1 and out["train"]["points"] == 300 and out["eval"]["points"] == 6
 
 
-def test_target_band_threshold_and_fail_on_unhealthy(tmp_path):
+def test_target_band_threshold_and_fail_on_unhealthy(tmp_path, health_cmd):
     """The band and thresholds change the verdict; --fail-on-unhealthy turns an unhealthy verdict into exit 3."""
     path = metrics_jsonl(tmp_path / "metrics.jsonl", lambda s: 0.9 + 1.0 * math.exp(-6 * s / 300))
-    assert json.loads(run_health(path).stdout)["verdict"] == "plateau_high"
-    assert json.loads(run_health(path, "--target-band", "0.6,1.0").stdout)["verdict"] == "healthy"
-    assert json.loads(run_health(path, "--threshold", "min_train_points=1000").stdout)["verdict"] == "insufficient_data"
-    failing = run_health(path, "--fail-on-unhealthy")
+    assert json.loads(health_cmd(path).stdout)["verdict"] == "plateau_high"
+    assert json.loads(health_cmd(path, "--target-band", "0.6,1.0").stdout)["verdict"] == "healthy"
+    assert json.loads(health_cmd(path, "--threshold", "min_train_points=1000").stdout)["verdict"] == "insufficient_data"
+    failing = health_cmd(path, "--fail-on-unhealthy")
     assert failing.returncode == 3
     assert failing.stderr.strip().startswith("unhealthy: plateau_high: train loss flattened at")
-    assert run_health(path, "--fail-on-unhealthy", "--target-band", "0.6,1.0").returncode == 0
+    assert health_cmd(path, "--fail-on-unhealthy", "--target-band", "0.6,1.0").returncode == 0
 
 
 @pytest.mark.parametrize(
@@ -116,11 +131,11 @@ def test_target_band_threshold_and_fail_on_unhealthy(tmp_path):
         ("trainer_state.json", "", "trainer_state.json:1: the file is empty"),
     ],
 )
-def test_malformed_files_exit_2_with_file_and_line(tmp_path, name, content, message):
+def test_malformed_files_exit_2_with_file_and_line(tmp_path, health_cmd, name, content, message):
     """One line on stderr naming the file (and line or entry), exit code 2, nothing on stdout."""
     path = tmp_path / name
     path.write_text(content)
-    result = run_health(path)
+    result = health_cmd(path)
     assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
@@ -137,9 +152,9 @@ def test_malformed_files_exit_2_with_file_and_line(tmp_path, name, content, mess
         (["--threshold", "window_fraction=3"], "window_fraction"),
     ],
 )
-def test_bad_options_exit_2(tmp_path, args, message):
+def test_bad_options_exit_2(tmp_path, health_cmd, args, message):
     """Bad options are user errors: exit 2 and one line saying which option."""
-    result = run_health(trainer_state(tmp_path / "trainer_state.json"), *args)
+    result = health_cmd(trainer_state(tmp_path / "trainer_state.json"), *args)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
