@@ -320,7 +320,7 @@ class _Series:
         return True
 
     def start(self) -> float | None:
-        """The starting level: median of the values in the first start_fraction of the steps (see DEFAULT_THRESHOLDS)."""
+        """The start level: median of the values in the first start_fraction of the steps (DEFAULT_THRESHOLDS)."""
         if not self.first_raw:
             return None
         until = self.first_steps[0] + self.th["start_fraction"] * (self.last_step - self.first_steps[0])
@@ -409,7 +409,8 @@ class _Facts:
 class HealthTracker:
     """Incremental health of one run: add points as they arrive, ask for `analysis()` at any time."""
 
-    def __init__(self, target_band: Iterable[float] = (0.3, 0.5), thresholds: Mapping[str, float] | None = None) -> None:
+    def __init__(self, target_band: Iterable[float] = (0.3, 0.5),
+                 thresholds: Mapping[str, float] | None = None) -> None:
         """A tracker for one run; raises ValueError on a bad band or an unknown threshold."""
         self.band = _check_band(target_band)
         self.th = resolve_thresholds(thresholds)
@@ -543,18 +544,21 @@ class HealthTracker:
         if len(recent) == n + 1 and ev.min and ev.min > 0:
             evals = [e for _, e, _, _ in recent]
             trains = [t for _, _, _, t in recent]
-            rose = all(b > a for a, b in zip(evals, evals[1:])) and (evals[-1] - ev.min) / ev.min > th["eval_rise_tolerance"]
+            rose = all(b > a for a, b in zip(evals, evals[1:]))
+            rose = rose and (evals[-1] - ev.min) / ev.min > th["eval_rise_tolerance"]
             if rose and None not in trains and trains[-1] < trains[0]:
-                return [f"eval loss rose at each of the last {n} evaluations ({' -> '.join(f'{e:.4g}' for e in evals)}) "
-                        f"while train loss fell ({trains[0]:.4g} -> {trains[-1]:.4g}): stop earlier (fewer epochs), "
-                        "lower the learning rate or LoRA rank, or add data"]
+                path = " -> ".join(f"{e:.4g}" for e in evals)
+                return [f"eval loss rose at each of the last {n} evaluations ({path}) while train loss fell "
+                        f"({trains[0]:.4g} -> {trains[-1]:.4g}): stop earlier (fewer epochs), lower the learning "
+                        "rate or LoRA rank, or add data"]
         then = self.train_at_eval_min
-        if ev.last is not None and ev.min and ev.last > ev.min * (1 + th["overfit_margin"]) and then is not None \
-                and f.level is not None and f.level < then:
+        above_best = ev.last is not None and ev.min and ev.last > ev.min * (1 + th["overfit_margin"])
+        if above_best and then is not None and f.level is not None and f.level < then:
             return [f"eval loss {ev.last:.4g} is {100 * (ev.last / ev.min - 1):.0f}% above its best {ev.min:.4g} "
                     f"while train loss kept falling ({then:.4g} -> {f.level:.4g}): keep the best checkpoint, train "
                     "fewer epochs or add data"]
-        if f.gap_ratio is not None and f.gap_ratio > th["max_gap_ratio"] and f.level is not None and f.level < self.band[0]:
+        far_above = f.gap_ratio is not None and f.gap_ratio > th["max_gap_ratio"]
+        if far_above and f.level is not None and f.level < self.band[0]:
             return [f"train loss {f.level:.4g} is below the target band and eval is {100 * f.gap_ratio:.0f}% above "
                     "train: the model memorises the train split; train fewer epochs or add data"]
         return []

@@ -139,7 +139,8 @@ def read_log(path: Path) -> tuple[str, Points, Points]:
         raise InputError(f"{path}:1: the file is empty")
     # trainer_state.json is one indented object with log_history; metrics.jsonl is one object per line.
     first_line = stripped.splitlines()[0].strip()
-    if path.suffix == ".jsonl" or (first_line.startswith("{") and first_line.endswith("}") and '"log_history"' not in first_line):
+    one_object_per_line = first_line.startswith("{") and first_line.endswith("}") and '"log_history"' not in first_line
+    if path.suffix == ".jsonl" or one_object_per_line:
         fmt, (train, evals) = "metrics.jsonl", read_metrics_jsonl(path, text)
     else:
         fmt, (train, evals) = "trainer_state.json", read_trainer_state(path, text)
