@@ -260,6 +260,9 @@ def progress_line(job: dict) -> str:
     health = job.get("health") or {}
     parts = [f"[{status}]"]
     step, total = progress.get("step"), progress.get("total_steps")
+    if not total:
+        # until the job reports its total, a spec with max_steps already tells it
+        total = (((job.get("spec") or {}).get("training")) or {}).get("max_steps")
     if step is not None:
         pct = f" {100 * step / total:.0f}%" if total else ""
         parts.append(f"step {step}/{total if total else '?'}{pct}")

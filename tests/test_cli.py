@@ -362,3 +362,39 @@ def test_progress_line_shows_steps_losses_slopes_verdict_eta():
     assert cli.progress_line(job) == ("[running] step 30/120 25% | train 0.612 (-0.200/100) | eval 0.700 (-0.100/100)"
                                       " | still_improving | ETA 3m12s")
     assert cli.progress_line({"status": "queued"}) == "[queued] waiting to start"
+
+
+def test_serve_runs_the_plane_under_gunicorn(tmp_path):
+    import signal
+
+    import requests
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SFTOPS_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update({"SFTOPS_DATA_DIR": str(tmp_path), "SFTOPS_AUTH": "disabled", "SFTOPS_BIND": f"127.0.0.1:{port}",
+                "SFTOPS_WORKERS": "1", "SFTOPS_RECONCILE_INTERVAL": "0"})
+    entry = Path(sys.executable).with_name("sftops")  # the console script pyproject.toml installs
+    proc = subprocess.Popen([str(entry), "serve"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("sftops serve did not become ready in 30s")
+        assert cli.main(["--url", f"http://127.0.0.1:{port}", "list"]) == 0
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    assert "gunicorn" in proc.stderr.read().decode().lower()
+
+
+def test_progress_line_falls_back_to_the_specs_max_steps():
+    job = {"status": "running", "progress": {"step": 3, "total_steps": None},
+           "spec": {"training": {"max_steps": 12}}}
+    assert cli.progress_line(job) == "[running] step 3/12 25%"
