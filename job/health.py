@@ -576,6 +576,8 @@ class HealthTracker:
                   "min_improvement": self.th["min_improvement"]}
         if not f.enough or ev.finite < 2:
             return _check(1, name, "n/a", f"not enough {'eval' if f.enough else 'train'} loss points yet", values)
+        if f.improvement is None or eval_change is None:
+            return _check(1, name, "n/a", "a loss level at or below zero: relative change undefined", values)
         train_ok = f.improvement >= self.th["min_improvement"]
         eval_ok = eval_change < 0
         detail = (f"train {f.start:.4g} -> {f.level:.4g} ({-100 * f.improvement:+.1f}%), "

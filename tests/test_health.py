@@ -443,3 +443,20 @@ def test_plane_sample_of_a_long_run_gets_the_same_verdict(train_shape, eval_shap
     assert len(plane_sample(train)) < 1100
     assert full["verdict"] == sampled["verdict"] == expected
     assert sampled["train"]["first"] == pytest.approx(full["train"]["first"], rel=0.1)
+
+
+def test_odd_values_never_crash_and_stay_json_safe():
+    """Zero, negative, huge and non-finite losses, repeated or huge steps, tiny thresholds: always a JSON-safe dict."""
+    rng = random.Random(5)
+    odd = [0.0, -1.0, 1e-300, 1e300, float("nan"), float("inf"), -float("inf")]
+    for _ in range(400):
+        n = rng.randint(0, 60)
+        steps = sorted(rng.choice((rng.randint(0, 3), rng.randint(0, 10**6))) for _ in range(n))
+        share = rng.choice((0.05, 0.3, 1.0))
+        train = [(s, rng.choice(odd) if rng.random() < share else rng.uniform(0, 3)) for s in steps]
+        ev = [(s, rng.choice(odd) if rng.random() < share else rng.uniform(0, 3)) for s in steps[:: rng.randint(1, 9)]]
+        thresholds = {"min_train_points": rng.choice((1, 2)), "smooth_points": rng.choice((1, 2)),
+                      "min_window_points": rng.choice((1, 2))}
+        result = analyze(train, ev, thresholds=thresholds)
+        assert result["verdict"] in VERDICTS
+        json.dumps(result, allow_nan=False)
