@@ -12,9 +12,11 @@ import os
 import time
 from typing import Any
 
+import orjson
 from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger(__name__)
 
@@ -53,35 +55,31 @@ def _verdicts() -> tuple[str, ...]:
     return tuple(getattr(health, "VERDICTS", ()))
 
 
-def _series(name: str, key: str):
-    """Reader of health[name][key] (train/eval statistics)."""
-    return lambda row: ((row["health"] or {}).get(name) or {}).get(key)
+def _gauge(key: str):
+    """Reader of one value of a store row's flattened gauges."""
+    return lambda row, gauges: gauges.get(key)
 
 
-def _progress(key: str):
-    """Reader of progress[key]."""
-    return lambda row: (row["progress"] or {}).get(key)
-
-
+# name, help, reader(row, gauges) -> value or None (no sample)
 _GAUGES: list[tuple[str, str, Any]] = [
-    (JOB_TRAIN_LOSS, "Last finite train loss reported.", _progress("train_loss")),
-    (JOB_EVAL_LOSS, "Last eval loss reported.", _progress("eval_loss")),
-    (JOB_TRAIN_LOSS_SLOPE, "Train loss change per 100 steps (trailing window).", _series("train", "slope_per_100")),
-    (JOB_EVAL_LOSS_SLOPE, "Eval loss change per 100 steps (trailing window).", _series("eval", "slope_per_100")),
+    (JOB_TRAIN_LOSS, "Last finite train loss reported.", _gauge("train_loss")),
+    (JOB_EVAL_LOSS, "Last eval loss reported.", _gauge("eval_loss")),
+    (JOB_TRAIN_LOSS_SLOPE, "Train loss change per 100 steps (trailing window).", _gauge("train_slope")),
+    (JOB_EVAL_LOSS_SLOPE, "Eval loss change per 100 steps (trailing window).", _gauge("eval_slope")),
     (JOB_TRAIN_LOSS_RELATIVE_SLOPE, "Train slope per 100 steps divided by the loss level.",
-     _series("train", "relative_slope")),
+     _gauge("train_relative_slope")),
     (JOB_EVAL_LOSS_RELATIVE_SLOPE, "Eval slope per 100 steps divided by the loss level.",
-     _series("eval", "relative_slope")),
-    (JOB_LOSS_GAP, "Eval loss minus train loss.", lambda row: (row["health"] or {}).get("gap")),
-    (JOB_STEP, "Last optimizer step reported.", _progress("step")),
-    (JOB_TOTAL_STEPS, "Optimizer steps the job will run.", _progress("total_steps")),
-    (JOB_TOKENS_PER_SECOND, "Training throughput.", _progress("tokens_per_second")),
-    (JOB_GRAD_NORM, "Last gradient norm reported.", _progress("grad_norm")),
-    (JOB_LAST_REPORT, "Unix time of the job's last report.", lambda row: row["last_report_at"]),
+     _gauge("eval_relative_slope")),
+    (JOB_LOSS_GAP, "Eval loss minus train loss.", _gauge("gap")),
+    (JOB_STEP, "Last optimizer step reported.", _gauge("step")),
+    (JOB_TOTAL_STEPS, "Optimizer steps the job will run.", _gauge("total_steps")),
+    (JOB_TOKENS_PER_SECOND, "Training throughput.", _gauge("tokens_per_second")),
+    (JOB_GRAD_NORM, "Last gradient norm reported.", _gauge("grad_norm")),
+    (JOB_LAST_REPORT, "Unix time of the job's last report.", lambda row, _: row["last_report_at"]),
     (JOB_TRAIN_LOSS_NONFINITE, "1 when the last train loss reported was NaN or infinite.",
-     lambda row: 1.0 if row["train_nonfinite"] else 0.0),
-    (JOB_TARGET_BAND_LOW, "Low end of the job's healthy final train loss band.", lambda row: row["band_low"]),
-    (JOB_TARGET_BAND_HIGH, "High end of the job's healthy final train loss band.", lambda row: row["band_high"]),
+     lambda row, _: 1.0 if row["train_nonfinite"] else 0.0),
+    (JOB_TARGET_BAND_LOW, "Low end of the job's healthy final train loss band.", lambda row, _: row["band_low"]),
+    (JOB_TARGET_BAND_HIGH, "High end of the job's healthy final train loss band.", lambda row, _: row["band_high"]),
 ]
 
 
@@ -115,37 +113,59 @@ class JobsCollector:
 
     def _families(self, rows: list[dict], counts: dict[str, int]):
         """Build the families from store rows."""
-        import json
-        import math
-
-        families = {name: GaugeMetricFamily(name, help_, labels=JOB_LABELS) for name, help_, _ in _GAUGES}
+        families = [(GaugeMetricFamily(name, help_, labels=JOB_LABELS), read) for name, help_, read in _GAUGES]
         health = GaugeMetricFamily(JOB_HEALTH, "1 for the job's current health verdict, 0 for the others.",
                                    labels=JOB_LABELS + ["verdict"])
         status = GaugeMetricFamily(JOB_STATUS, "1 for the job's current status, 0 for the others.",
                                    labels=JOB_LABELS + ["status"])
         verdicts = _verdicts()
         for row in rows:
-            row = dict(row)
-            row["progress"] = json.loads(row["progress"]) if row["progress"] else {}
-            row["health"] = json.loads(row["health"]) if row["health"] else None
+            gauges = orjson.loads(row["gauges"]) if row["gauges"] else {}
             labels = [row["id"], row["name"]]
-            for name, _, read in _GAUGES:
-                value = read(row)
-                if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                    families[name].add_metric(labels, float(value))
-            current = (row["health"] or {}).get("verdict")
+            for family, read in families:
+                value = read(row, gauges)
+                if value is not None and value == value:  # None and NaN have no sample
+                    family.add_metric(labels, float(value))
+            current = gauges.get("verdict")
             if current is not None:
                 for verdict in verdicts or (current,):
                     health.add_metric(labels + [verdict], 1.0 if verdict == current else 0.0)
             for s in STATUSES:
                 status.add_metric(labels + [s], 1.0 if s == row["status"] else 0.0)
-        yield from families.values()
+        for family, _ in families:
+            yield family
         yield health
         yield status
         fleet = GaugeMetricFamily(JOBS, "Jobs in the store by status.", labels=["status"])
         for s in STATUSES:
             fleet.add_metric([s], float(counts.get(s, 0)))
         yield fleet
+
+
+def render_text(families) -> bytes:
+    """Prometheus text format (0.0.4) of gauge families, written directly.
+
+    prometheus_client's generate_latest spends most of a 1,000-job scrape formatting; these families are
+    plain gauges with label values that are ids, DNS names and enum words, so the format is simple.
+    """
+    out: list[str] = []
+    for family in families:
+        help_ = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        out.append(f"# HELP {family.name} {help_}\n# TYPE {family.name} {family.type}\n")
+        for sample in family.samples:
+            if sample.labels:
+                labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sample.labels.items())
+                out.append(f"{sample.name}{{{labels}}} {floatToGoString(sample.value)}\n")
+            else:
+                out.append(f"{sample.name} {floatToGoString(sample.value)}\n")
+    return "".join(out).encode()
+
+
+def _escape(value: str) -> str:
+    """A label value escaped for the text format (only when it needs it)."""
+    if "\\" in value or '"' in value or "\n" in value:
+        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+    return value
 
 
 class PlaneMetrics:
@@ -159,21 +179,24 @@ class PlaneMetrics:
     def init_app(self, app: Flask, store) -> None:
         """Build the registry (multiprocess-aware), the collector, and the request hooks."""
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-        self.registry = CollectorRegistry()
+        # http_registry: the HTTP metrics (exposed by prometheus_client); registry: those plus the job
+        # collector, for anyone who wants one registry (tests read samples from it).
+        self.http_registry = CollectorRegistry()
         # In multiprocess mode values go to files and MultiProcessCollector sums them, so the metric
         # objects themselves are not registered anywhere.
-        own = None if self.multiprocess else self.registry
+        own = None if self.multiprocess else self.http_registry
         if self.multiprocess:
             from prometheus_client import multiprocess
 
-            multiprocess.MultiProcessCollector(self.registry)
+            multiprocess.MultiProcessCollector(self.http_registry)
         self.requests = Counter(HTTP_REQUESTS, "HTTP requests by method, endpoint and status.",
                                 ["method", "endpoint", "status"], registry=own)
         self.duration = Histogram(HTTP_DURATION, "HTTP request latency.", ["method", "endpoint"], registry=own,
                                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
         self.scrape_errors = Counter(SCRAPE_ERRORS, "Scrapes that could not read the store.", registry=own)
         self.collector = JobsCollector(store, float(app.config["METRICS_RETENTION_SECONDS"]), self.scrape_errors)
-        self.registry.register(self.collector)
+        self.registry = CollectorRegistry()
+        self.registry.register(_Both(self.http_registry, self.collector))
         app.extensions["sftops.metrics"] = self
         app.before_request(self._start)
         app.after_request(self._observe)
@@ -193,4 +216,17 @@ class PlaneMetrics:
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text of every metric (all workers' HTTP metrics plus the store's job gauges)."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.http_registry) + render_text(self.collector.collect()), CONTENT_TYPE_LATEST
+
+
+class _Both:
+    """A collector yielding a registry's metrics and then the job collector's."""
+
+    def __init__(self, registry: CollectorRegistry, collector: JobsCollector):
+        """Combine the two."""
+        self._registry, self._collector = registry, collector
+
+    def collect(self):
+        """Everything /metrics shows, as metric families."""
+        yield from self._registry.collect()
+        yield from self._collector.collect()

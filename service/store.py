@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -93,6 +94,7 @@ jobs = Table(
     Column("error", Text),
     Column("artifacts", Text),
     Column("curve", Text),  # first and min point per series, kept so health needs only a trailing window
+    Column("gauges", Text),  # the numbers /metrics shows, flattened at report time so a scrape parses little
     Column("band_low", Float, nullable=False),
     Column("band_high", Float, nullable=False),
     Column("train_nonfinite", Boolean, nullable=False, default=False),
@@ -150,6 +152,12 @@ locks = Table(
     Column("owner", String(100)),
     Column("expires_at", Float, nullable=False, default=0.0),
 )
+
+
+_VIEW_COLUMNS = ("id, name, status, submitter, labels, spec, created_at, updated_at, started_at, finished_at, "
+                 "progress, health, error, artifacts")
+_JOB_BY_ID = f"SELECT {_VIEW_COLUMNS} FROM jobs WHERE id = ?"
+_TOKEN_BY_ID = "SELECT token_sha256 FROM jobs WHERE id = ?"
 
 
 class StoreError(Exception):
@@ -214,7 +222,7 @@ def _json_safe(value: Any) -> Any:
 
 def _loads(value: str | None) -> Any:
     """Parse a JSON column."""
-    return None if value is None else json.loads(value)
+    return None if value is None else orjson.loads(value)
 
 
 def _finite(value: Any) -> float | None:
@@ -376,10 +384,30 @@ class Store:
         return job_view(row)
 
     def get_job(self, job_id: str) -> dict[str, Any] | None:
-        """One job as the API shows it, or None (one primary-key lookup)."""
-        with self._read() as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
+        """One job as the API shows it, or None (one indexed lookup on the hot path of GET /v1/jobs/{id})."""
+        row = self._fetch_one(_JOB_BY_ID, job_id)
         return None if row is None else job_view(row)
+
+    def _fetch_one(self, sql: str, *params: Any) -> dict[str, Any] | None:
+        """Run one read straight on a pooled DB-API connection, as a dict or None.
+
+        For the hottest reads only: SQLAlchemy's statement machinery costs several times the query itself.
+        `sql` uses `?` placeholders, rewritten for psycopg.
+        """
+        if self.dialect == "postgresql":
+            sql = sql.replace("?", "%s")
+        conn = self.engine.raw_connection()
+        try:
+            cursor = conn.cursor()
+            try:
+                cursor.execute(sql, params)
+                row = cursor.fetchone()
+                names = [d[0] for d in cursor.description]
+            finally:
+                cursor.close()
+        finally:
+            conn.close()  # back to the pool, which rolls back PostgreSQL's implicit transaction
+        return None if row is None else dict(zip(names, row))
 
     def get_row(self, job_id: str) -> dict[str, Any] | None:
         """One job's raw row (internal columns included), or None."""
@@ -389,9 +417,8 @@ class Store:
 
     def job_token_sha256(self, job_id: str) -> str | None | bool:
         """The job's report-token hash; None when it has none yet, False when the job does not exist."""
-        with self._read() as conn:
-            row = conn.execute(select(jobs.c.token_sha256).where(jobs.c.id == job_id)).first()
-        return False if row is None else row[0]
+        row = self._fetch_one(_TOKEN_BY_ID, job_id)
+        return False if row is None else row["token_sha256"]
 
     def list_jobs(
         self,
@@ -542,6 +569,7 @@ class Store:
                 progress = _loads(row["progress"]) or _empty_progress()
                 progress["total_steps"] = report["total_steps"]
                 values["progress"] = _dumps(progress)
+                values["gauges"] = _dumps(_gauges(progress, _loads(row["health"])))
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
             for to in path:
                 row = self._lock_row(conn, job_id)
@@ -601,8 +629,9 @@ class Store:
             "curve": _dumps(curve),
             "train_nonfinite": nonfinite,
         }
-        if new_points:
-            values["health"] = _dumps(self._health(conn, row, curve))
+        health = self._health(conn, row, curve) if new_points else _loads(row["health"])
+        values["health"] = _dumps(health)
+        values["gauges"] = _dumps(_gauges(progress, health))
         return values
 
     def _upsert_points(self, conn: Connection, rows: list[dict]) -> None:
@@ -886,8 +915,7 @@ class Store:
                     jobs.c.id,
                     jobs.c.name,
                     jobs.c.status,
-                    jobs.c.progress,
-                    jobs.c.health,
+                    jobs.c.gauges,
                     jobs.c.band_low,
                     jobs.c.band_high,
                     jobs.c.train_nonfinite,
@@ -926,9 +954,13 @@ def _tune_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
-        """Writers lock up front so concurrent writers wait instead of failing on a lock upgrade."""
-        write = conn.get_execution_options().get("sftops_write")
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+        """Writers lock up front so concurrent writers wait instead of failing on a lock upgrade.
+
+        Readers get no BEGIN: every read is one SELECT, which SQLite runs as its own consistent snapshot,
+        and skipping the extra round trips is most of a GET's time.
+        """
+        if conn.get_execution_options().get("sftops_write"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _status_path(row, wanted: str | None) -> list[str]:
@@ -956,6 +988,26 @@ def _fold_curve(curve: dict, name: str, step: int, loss: float) -> None:
         entry["first"] = [step, loss]
     if entry.get("min") is None or loss < entry["min"][1]:
         entry["min"] = [step, loss]
+
+
+def _gauges(progress: dict[str, Any], health: dict[str, Any] | None) -> dict[str, Any]:
+    """The per-job numbers /metrics exposes, from progress and the health analysis."""
+    health = health or {}
+    train, eval_ = health.get("train") or {}, health.get("eval") or {}
+    return {
+        "train_loss": progress.get("train_loss"),
+        "eval_loss": progress.get("eval_loss"),
+        "train_slope": train.get("slope_per_100"),
+        "eval_slope": eval_.get("slope_per_100"),
+        "train_relative_slope": train.get("relative_slope"),
+        "eval_relative_slope": eval_.get("relative_slope"),
+        "gap": health.get("gap"),
+        "verdict": health.get("verdict"),
+        "step": progress.get("step"),
+        "total_steps": progress.get("total_steps"),
+        "tokens_per_second": progress.get("tokens_per_second"),
+        "grad_norm": progress.get("grad_norm"),
+    }
 
 
 def _empty_progress() -> dict[str, Any]:

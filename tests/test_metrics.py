@@ -129,3 +129,19 @@ def test_metrics_agree_across_gunicorn_workers(live_plane):
     assert all(s[key] == 0.9 for s in scrapes)
     healthz = ("sftops_http_requests_total", frozenset({"method": "GET", "endpoint": "/healthz", "status": "200"}.items()))
     assert scrapes[-1][healthz] == 20  # summed over both workers (multiprocess mode)
+
+
+def test_the_fast_text_renderer_matches_prometheus_client(sqlite_store):
+    from prometheus_client import generate_latest
+
+    for i in range(3):
+        job_id = _job(sqlite_store, f"job-{i}")
+        sqlite_store.add_report(job_id, {"total_steps": 10, "metrics": [
+            {"step": s, "train_loss": 1.0 / s, "grad_norm": 0.1 * s} for s in range(1, 30)]})
+    _job(sqlite_store, "waiting", status="queued")
+    registry, collector = _registry(sqlite_store)
+    ours = metrics.render_text(collector.collect()).decode()
+    theirs = generate_latest(registry).decode()
+    parse = lambda text: sorted(  # noqa: E731
+        (s.name, sorted(s.labels.items()), s.value) for f in text_string_to_metric_families(text) for s in f.samples)
+    assert parse(ours) == parse(theirs) and len(parse(ours)) > 50
