@@ -106,12 +106,13 @@ class HealthSpec(_Section):
     @field_validator("thresholds")
     @classmethod
     def _known_thresholds(cls, values: dict[str, float]) -> dict[str, float]:
-        """Reject threshold names job.health does not know."""
-        from job.health import DEFAULT_THRESHOLDS
+        """Reject threshold names and values job.health does not accept."""
+        from job.health import DEFAULT_THRESHOLDS, resolve_thresholds
 
         unknown = sorted(set(values) - set(DEFAULT_THRESHOLDS))
         if unknown:
             raise ValueError(f"unknown threshold(s) {unknown}; known: {sorted(DEFAULT_THRESHOLDS)}")
+        resolve_thresholds(values)  # bad values fail at submit, not later inside the job or the plane
         return values
 
 
