@@ -61,7 +61,7 @@ def test_submit_train_and_publish_through_the_plane(s3, tiny_model, plane_factor
     log = plane.data_dir / "jobs" / job_id / "job.log"
     assert code == 0, f"{err}\n{out}\n--- job.log ---\n{log.read_text()[-4000:] if log.exists() else ''}"
     assert "\r" not in out
-    assert re.search(r"\[running\] step \d+/6", out)
+    assert "[running]" in out, out  # 6 tiny steps may all fall between two polls: no step count asserted
     assert f"job {job_id} (e2e-tickets): succeeded" in out
     print(f"e2e job took {time.monotonic() - started:.0f}s")
 
