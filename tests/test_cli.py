@@ -398,3 +398,12 @@ def test_progress_line_falls_back_to_the_specs_max_steps():
     job = {"status": "running", "progress": {"step": 3, "total_steps": None},
            "spec": {"training": {"max_steps": 12}}}
     assert cli.progress_line(job) == "[running] step 3/12 25%"
+
+
+def test_cli_runs_without_the_plane_or_trainer_dependencies(spec_file):
+    # CI runners install only the base package: the CLI must not pull in flask, sqlalchemy or torch
+    code = ("import sys; from service import cli; cli.load_spec_file(sys.argv[1]); import job.health; "
+            "print(sorted(m for m in ('flask', 'sqlalchemy', 'torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(spec_file)], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout
+    assert out.strip() == "[]"
