@@ -77,13 +77,13 @@ def postgres_url():
 
 
 @contextmanager
-def gunicorn(data_dir: Path, database_url: str | None, tokens: dict[str, str]):
+def gunicorn(data_dir: Path, database_url: str | None, tokens: dict[str, str], worker_class: str = "gthread"):
     """The plane under gunicorn with the repository's config; yields its base URL."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SFTOPS_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update({"SFTOPS_DATA_DIR": str(data_dir), "SFTOPS_BIND": f"127.0.0.1:{port}", "SFTOPS_WORKERS": "2",
                 "SFTOPS_TOKENS_FILE": str(write_tokens(data_dir / "tokens.json", tokens)),
-                "SFTOPS_RECONCILE_INTERVAL": "0", "PYTHONPATH": str(ROOT)})
+                "SFTOPS_RECONCILE_INTERVAL": "0", "SFTOPS_WORKER_CLASS": worker_class, "PYTHONPATH": str(ROOT)})
     if database_url:
         env["SFTOPS_DATABASE_URL"] = database_url
     log = (data_dir / "gunicorn.log").open("wb")
@@ -170,7 +170,7 @@ def bench_backend(name: str, database_url: str | None, args) -> tuple[list[dict]
         url_db = database_url or _sqlite_url(data_dir)
         ids = seed(url_db, args.jobs)
         tokens = make_tokens()
-        with gunicorn(data_dir, database_url, tokens) as url:
+        with gunicorn(data_dir, database_url, tokens, args.worker_class) as url:
             rows = []
             plan = [
                 ("GET /healthz (baseline)", "/healthz", None, 16),
@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=5, help="wrk duration per endpoint")
     parser.add_argument("--jobs", type=int, default=1000, help="jobs stored before the load")
     parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--worker-class", default="gthread", choices=["gthread", "sync"],
+                        help="gunicorn worker class (service/gunicorn.conf.py defaults to gthread)")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
@@ -209,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows, scrapes[backend] = bench_backend("postgresql", url, args)
         all_rows += rows
 
-    print(f"\nplane under gunicorn (2 workers x 4 threads), {os.cpu_count()} CPUs, wrk -t2, {args.seconds:.0f}s per row, "
+    load = os.getloadavg()[0]
+    print(f"\nplane under gunicorn (2 {args.worker_class} workers), {os.cpu_count()} CPUs, load average {load:.1f}, wrk -t2, {args.seconds:.0f}s per row, "
           f"{args.jobs} jobs stored")
     print(f"{'backend':<11} {'endpoint':<28} {'conns':>5} {'req/s':>9} {'vs base':>8} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
     for row in all_rows:

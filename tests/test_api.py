@@ -121,6 +121,7 @@ def test_two_concurrent_identical_posts_create_one_job(app, tokens):
     responses = []
 
     def post():
+        """One POST in its own client, released with the others."""
         client = app.test_client()
         barrier.wait()
         responses.append(_post_job(client, tokens, make_spec("race"), **{"Idempotency-Key": "race-1"}))

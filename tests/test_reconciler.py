@@ -154,6 +154,7 @@ def test_a_job_cancelled_while_launching_is_stopped(store):
     original = launcher.submit
 
     def submit_then_user_cancels(request):
+        """Start the run, then cancel the job as a user would."""
         handle = original(request)
         store.cancel(job_id)  # the user cancels between submit() and the bookkeeping
         return handle
@@ -186,6 +187,7 @@ def test_only_the_leader_acts_and_no_job_is_launched_twice(store, tmp_path):
     barrier = threading.Barrier(4)
 
     def run(r):
+        """Three passes of one reconciler."""
         barrier.wait()
         for _ in range(3):
             r.reconcile_once()

@@ -79,6 +79,7 @@ def test_concurrent_identical_creates_make_one_job(store):
     barrier = threading.Barrier(6)
 
     def create():
+        """One create, released with the others."""
         barrier.wait()
         try:
             results.append(store.create_job(_spec(), submitter="ci", idempotency_key="race", body_sha256="x"))
@@ -269,6 +270,7 @@ def test_migrations_are_safe_when_several_processes_start_at_once(store):
     barrier = threading.Barrier(4)
 
     def start():
+        """One process start, released with the others."""
         barrier.wait()
         try:
             stores.append(Store(url))

@@ -119,3 +119,16 @@ def field_errors(err: ValidationError) -> list[dict[str, str]]:
         line = format_validation_error(_OneError({**error, "loc": loc}), "spec")
         details.append({"field": path, "message": line[len(f"spec: {path}: "):]})
     return details
+
+
+def validated(model, data: Any, *, code: str, what: str):
+    """`data` validated as the pydantic `model`; raises APIError 422 listing each field's path and message."""
+    if not isinstance(data, dict):
+        raise APIError(422, code, f"the {what} must be a JSON object of fields",
+                       [{"field": "(root)", "message": f"expected an object, got {type(data).__name__}"}])
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        details = field_errors(e)
+        summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:3])
+        raise APIError(422, code, f"invalid {what}: {summary}", details) from None

@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 
 from flask import Blueprint, g, jsonify, request, url_for
-from pydantic import ValidationError
 
 from job.spec import JobSpec, dump_spec
-from service.api import cursor_arg, field_errors, int_arg, json_body, store
+from service.api import cursor_arg, int_arg, json_body, store, validated
 from service.auth import require
 from service.errors import APIError
 from service.store import STATUSES, sha256_hex
@@ -35,16 +34,7 @@ def submit():
     if key is not None and not IDEMPOTENCY_KEY_RE.match(key):
         raise APIError(400, "invalid_idempotency_key",
                        "Idempotency-Key must be 1-255 printable ASCII characters without spaces")
-    data = json_body()
-    if not isinstance(data, dict):
-        raise APIError(422, "invalid_spec", "the spec must be a JSON object of fields",
-                       [{"field": "(root)", "message": f"expected an object, got {type(data).__name__}"}])
-    try:
-        spec = JobSpec.model_validate(data)
-    except ValidationError as e:
-        details = field_errors(e)
-        summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:3])
-        raise APIError(422, "invalid_spec", f"invalid job spec: {summary}", details) from None
+    spec = validated(JobSpec, json_body(), code="invalid_spec", what="job spec")
     job, created = store().create_job(
         spec.model_dump(mode="json"),
         submitter=g.principal.name,

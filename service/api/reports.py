@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Literal
 
 from flask import Blueprint, jsonify
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from service.api import field_errors, json_body, store
+from service.api import json_body, store, validated
 from service.api.jobs import JOB_ID_RE
 from service.auth import bearer_token, check_job_token
 from service.errors import APIError
@@ -71,16 +71,7 @@ def post_report(job_id: str):
     if stored is False:
         raise APIError(404, "not_found", f"no job {job_id!r}")
     check_job_token(job_id, stored)
-    data = json_body(allow_nan=True)
-    if not isinstance(data, dict):
-        raise APIError(422, "invalid_report", "the report must be a JSON object",
-                       [{"field": "(root)", "message": f"expected an object, got {type(data).__name__}"}])
-    try:
-        report = Report.model_validate(data)
-    except ValidationError as e:
-        details = field_errors(e)
-        raise APIError(422, "invalid_report", "invalid report: " + "; ".join(
-            f"{d['field']}: {d['message']}" for d in details[:3]), details) from None
+    report = validated(Report, json_body(allow_nan=True), code="invalid_report", what="report")
     accepted = store().add_report(job_id, report.model_dump())
     response = jsonify({"accepted": accepted})
     response.status_code = 202
