@@ -1,7 +1,7 @@
 """Read and write artifacts at `s3://bucket/key`, `file:///abs/path` or a plain path, alike.
 
 S3 goes through boto3 with the standard AWS environment (credentials, region, profile). The endpoint comes
-from `AWS_ENDPOINT_URL_S3` or `S3_ENDPOINT_URL` (MinIO, Ceph, ...), else AWS. Every failure becomes a
+from `AWS_ENDPOINT_URL_S3`, `S3_ENDPOINT_URL` or `AWS_ENDPOINT_URL` (MinIO, Ceph, ...), else AWS. Every failure becomes a
 one-line StorageError that names the URI; boto3 is imported only when an s3:// URI is used.
 
 Knobs (environment): AWS_MAX_ATTEMPTS (default 5, adaptive retry mode), SFTOPS_S3_MULTIPART_THRESHOLD and
@@ -28,7 +28,7 @@ MB = 1024 * 1024
 DEFAULT_MAX_ATTEMPTS = 5
 CONNECT_TIMEOUT_S = 3
 READ_TIMEOUT_S = 60
-ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "S3_ENDPOINT_URL")
+ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
 # Codes S3 (and MinIO/Ceph) use when the caller's identity is not allowed, or not accepted.
 DENIED_CODES = {"AccessDenied", "403", "AllAccessDisabled", "AccountProblem"}
 BAD_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
