@@ -100,6 +100,9 @@ class Reconciler:
         while not self._stop.is_set():
             try:
                 self.reconcile_once()
+            except (LaunchError, ValueError) as e:
+                # A launcher that cannot be built (no cluster credentials, a bad SFTOPS_K8S_* value) says why.
+                log.error("reconciler cannot launch jobs: %s; retrying in %.1fs", e, self.interval)
             except Exception:
                 log.exception("reconcile pass failed; retrying in %.1fs", self.interval)
             self._stop.wait(self.interval)

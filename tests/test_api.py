@@ -334,3 +334,23 @@ def test_tokens_never_appear_in_responses_or_events(app, client, tokens, caplog)
                    *tokens.values()):
         assert secret not in seen
         assert secret not in caplog.text
+
+
+def test_the_api_on_postgresql(app_config, tokens, postgres_url):
+    from service.app import create_app
+
+    app_config["DATABASE_URL"] = postgres_url
+    app = create_app(app_config)
+    client = app.test_client()
+    write, read = auth(tokens["jobs:write"]), auth(tokens["jobs:read"])
+    first = _post_job(client, tokens, make_spec("pg", labels={"db": "pg"}), **{"Idempotency-Key": "pg-1"})
+    again = _post_job(client, tokens, make_spec("pg", labels={"db": "pg"}), **{"Idempotency-Key": "pg-1"})
+    assert (first.status_code, again.status_code) == (201, 200) and first.get_json()["id"] == again.get_json()["id"]
+    job_id = _running_job(app, "sft_pg")
+    body = {"metrics": [{"step": s, "train_loss": 2 - s / 50} for s in range(1, 30)]}
+    assert client.post(f"/v1/jobs/{job_id}/reports", json=body, headers=auth("sft_pg")).status_code == 202
+    assert client.get(f"/v1/jobs/{job_id}", headers=read).get_json()["progress"]["step"] == 29
+    assert [j["id"] for j in client.get("/v1/jobs?label=db=pg", headers=read).get_json()["items"]] == [first.get_json()["id"]]
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=write).get_json()["status"] == "cancelling"
+    assert client.get("/readyz").get_json()["status"] == "ready"
+    app.extensions["sftops.store"].close()

@@ -239,3 +239,18 @@ def test_with_the_real_local_launcher_cancel_kills_the_run(store, tmp_path):
         r.reconcile_once()
         time.sleep(0.1)
     assert _status(store, job_id) == "cancelled"
+
+
+def test_create_launcher_builds_the_configured_launcher(tmp_path, monkeypatch):
+    from service.launchers import create_launcher
+
+    local = create_launcher({"LAUNCHER": "local", "DATA_DIR": str(tmp_path)})
+    assert isinstance(local, LocalLauncher) and local.data_dir == tmp_path.resolve()
+    with pytest.raises(ValueError, match="K8S_NAMESPAC"):
+        create_launcher({"LAUNCHER": "kubernetes", "DATA_DIR": str(tmp_path), "K8S_NAMESPAC": "ml"})
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(LaunchError):
+        create_launcher({"LAUNCHER": "kubernetes", "DATA_DIR": str(tmp_path), "K8S_NAMESPACE": "ml"})
+    with pytest.raises(ValueError, match="must be 'local' or 'kubernetes'"):
+        create_launcher({"LAUNCHER": "slurm"})
