@@ -309,7 +309,7 @@ def test_healthz_readyz_metrics_need_no_token(client):
     assert b"sftops_jobs{status=\"queued\"} 0.0" in r.data
 
 
-def test_readyz_is_503_when_the_store_is_gone(app, client):
+def test_readyz_is_503_when_the_store_is_gone(app, client, tokens):
     store = app.extensions["sftops.store"]
     from sqlalchemy import create_engine
 
@@ -319,6 +319,9 @@ def test_readyz_is_503_when_the_store_is_gone(app, client):
         r = client.get("/readyz")
         assert r.status_code == 503 and r.get_json()["status"] == "unavailable"
         assert client.get("/metrics").status_code == 200  # a scrape never fails
+        down = client.get("/v1/jobs/jabc", headers=auth(tokens["jobs:read"]))
+        assert down.status_code == 503 and down.headers["Retry-After"] == "5"
+        assert _error(down)["code"] == "store_unavailable"
     finally:
         store.engine = good
 

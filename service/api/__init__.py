@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from flask import Flask, current_app, request
@@ -12,6 +13,8 @@ from job.spec import format_validation_error
 
 from service.errors import APIError, error_response
 from service.store import IdempotencyConflict, IllegalTransition, NotFound, Store
+
+log = logging.getLogger(__name__)
 
 
 def register(app: Flask) -> None:
@@ -32,10 +35,35 @@ def register(app: Flask) -> None:
         """409 for a status change the lifecycle does not allow."""
         return error_response(409, "illegal_transition", str(e), {"status": e.current, "requested": e.wanted})
 
+    def _unavailable(e: Exception):
+        """503 when the database cannot be reached or stays locked: the client may retry."""
+        log.warning("store unavailable: %s", type(e).__name__)
+        return error_response(503, "store_unavailable", "the job store is unavailable; retry shortly",
+                              headers={"Retry-After": "5"})
+
+    for error in _store_outage_errors():
+        app.register_error_handler(error, _unavailable)
+
     @app.errorhandler(IdempotencyConflict)
     def _idempotency(e: IdempotencyConflict):
         """409 for a reused Idempotency-Key with another body."""
         return error_response(409, "idempotency_conflict", str(e), {"job_id": e.job_id})
+
+
+def _store_outage_errors() -> list[type[Exception]]:
+    """Database errors that mean "down or locked", wrapped by SQLAlchemy or raised raw by the drivers."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    errors: list[type[Exception]] = [OperationalError, sqlite3.OperationalError]
+    try:
+        import psycopg
+
+        errors.append(psycopg.OperationalError)
+    except ImportError:  # PostgreSQL support is optional
+        pass
+    return errors
 
 
 def store() -> Store:
