@@ -8,7 +8,6 @@ each worker builds its own app after the fork, so database pools and threads are
 """
 
 import os
-import shutil
 from pathlib import Path
 
 bind = os.environ.get("SFTOPS_BIND", "127.0.0.1:8000")
@@ -31,10 +30,10 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
 
 
 def on_starting(server):
-    """Start with an empty metrics directory: files of an earlier run would be summed in."""
-    if _metrics_dir.exists():
-        shutil.rmtree(_metrics_dir)
+    """Start without an earlier run's metric files, which would be summed in (only *.db: the dir may be shared)."""
     _metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in _metrics_dir.glob("*.db"):
+        stale.unlink()
 
 
 def child_exit(server, worker):
