@@ -97,68 +97,82 @@ class JobsCollector:
         """No up-front description: registering must not query the store."""
         return []
 
-    def collect(self):
-        """Yield fresh metric families for every job /metrics shows."""
+    def _read(self) -> tuple[list[dict], dict[str, int]] | None:
+        """The store rows a scrape shows, or None (logged and counted) when the store cannot be read."""
         try:
-            rows = self.store.metric_rows(self.retention_seconds)
-            counts = self.store.status_counts()
+            return self.store.metric_rows(self.retention_seconds), self.store.status_counts()
         except Exception:
             # A scrape must not fail because the store is down: emit no job series and count the error.
             log.exception("metrics scrape could not read the store")
             self.failures += 1
             if self.errors is not None:
                 self.errors.inc()
+            return None
+
+    def collect(self):
+        """Yield fresh metric families for every job /metrics shows."""
+        read = self._read()
+        if read is None:
             return
-        yield from self._families(rows, counts)
-
-    def _families(self, rows: list[dict], counts: dict[str, int]):
-        """Build the families from store rows."""
-        families = [(GaugeMetricFamily(name, help_, labels=JOB_LABELS), read) for name, help_, read in _GAUGES]
-        health = GaugeMetricFamily(JOB_HEALTH, "1 for the job's current health verdict, 0 for the others.",
-                                   labels=JOB_LABELS + ["verdict"])
-        status = GaugeMetricFamily(JOB_STATUS, "1 for the job's current status, 0 for the others.",
-                                   labels=JOB_LABELS + ["status"])
-        verdicts = _verdicts()
-        for row in rows:
-            gauges = orjson.loads(row["gauges"]) if row["gauges"] else {}
-            labels = [row["id"], row["name"]]
-            for family, read in families:
-                value = read(row, gauges)
-                if value is not None and value == value:  # None and NaN have no sample
-                    family.add_metric(labels, float(value))
-            current = gauges.get("verdict")
-            if current is not None:
-                for verdict in verdicts or (current,):
-                    health.add_metric(labels + [verdict], 1.0 if verdict == current else 0.0)
-            for s in STATUSES:
-                status.add_metric(labels + [s], 1.0 if s == row["status"] else 0.0)
-        for family, _ in families:
+        rows, counts = read
+        for name, help_, extra, samples in _job_series(rows):
+            family = GaugeMetricFamily(name, help_, labels=JOB_LABELS + ([extra] if extra else []))
+            for job_id, job_name, extra_value, value in samples:
+                family.add_metric([job_id, job_name] + ([extra_value] if extra else []), value)
             yield family
-        yield health
-        yield status
-        fleet = GaugeMetricFamily(JOBS, "Jobs in the store by status.", labels=["status"])
-        for s in STATUSES:
-            fleet.add_metric([s], float(counts.get(s, 0)))
-        yield fleet
+        yield _fleet(counts)
 
+    def render(self) -> bytes:
+        """The same metrics as collect(), as Prometheus text written directly (never raises).
 
-def render_text(families) -> bytes:
-    """Prometheus text format (0.0.4) of gauge families, written directly.
-
-    prometheus_client's generate_latest spends most of a 1,000-job scrape formatting; these families are
-    plain gauges with label values that are ids, DNS names and enum words, so the format is simple.
-    """
-    out: list[str] = []
-    for family in families:
-        help_ = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
-        out.append(f"# HELP {family.name} {help_}\n# TYPE {family.name} {family.type}\n")
-        for sample in family.samples:
-            if sample.labels:
-                labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sample.labels.items())
-                out.append(f"{sample.name}{{{labels}}} {floatToGoString(sample.value)}\n")
+        prometheus_client's generate_latest spends most of a 1,000-job scrape building and formatting
+        Sample objects; every series here is a gauge labelled by job id, DNS name and an enum word.
+        """
+        read = self._read()
+        if read is None:
+            return b""
+        rows, counts = read
+        prefix = {row["id"]: f'job_id="{row["id"]}",job_name="{_escape(row["name"])}"' for row in rows}
+        out: list[str] = []
+        for name, help_, extra, samples in _job_series(rows):
+            out.append(f"# HELP {name} {help_}\n# TYPE {name} gauge\n")
+            if extra:
+                out += [f'{name}{{{prefix[j]},{extra}="{e}"}} {floatToGoString(v)}\n' for j, _, e, v in samples]
             else:
-                out.append(f"{sample.name} {floatToGoString(sample.value)}\n")
-    return "".join(out).encode()
+                out += [f"{name}{{{prefix[j]}}} {floatToGoString(v)}\n" for j, _, _, v in samples]
+        fleet = _fleet(counts)
+        out.append(f"# HELP {fleet.name} {fleet.documentation}\n# TYPE {fleet.name} gauge\n")
+        out += [f'{fleet.name}{{status="{s.labels["status"]}"}} {floatToGoString(s.value)}\n' for s in fleet.samples]
+        return "".join(out).encode()
+
+
+def _job_series(rows: list[dict]):
+    """Per family: (name, help, extra label or None, [(job_id, job_name, extra value, value)])."""
+    parsed = [(row, orjson.loads(row["gauges"]) if row["gauges"] else {}) for row in rows]
+    for name, help_, read in _GAUGES:
+        samples = []
+        for row, gauges in parsed:
+            value = read(row, gauges)
+            if value is not None and value == value:  # None and NaN have no sample
+                samples.append((row["id"], row["name"], None, float(value)))
+        yield name, help_, None, samples
+    verdicts = _verdicts()
+    health = []
+    for row, gauges in parsed:
+        current = gauges.get("verdict")
+        if current is not None:
+            health += [(row["id"], row["name"], v, 1.0 if v == current else 0.0) for v in verdicts or (current,)]
+    yield JOB_HEALTH, "1 for the job's current health verdict, 0 for the others.", "verdict", health
+    status = [(row["id"], row["name"], s, 1.0 if s == row["status"] else 0.0) for row, _ in parsed for s in STATUSES]
+    yield JOB_STATUS, "1 for the job's current status, 0 for the others.", "status", status
+
+
+def _fleet(counts: dict[str, int]) -> GaugeMetricFamily:
+    """Jobs by status over the whole store."""
+    fleet = GaugeMetricFamily(JOBS, "Jobs in the store by status.", labels=["status"])
+    for s in STATUSES:
+        fleet.add_metric([s], float(counts.get(s, 0)))
+    return fleet
 
 
 def _escape(value: str) -> str:
@@ -216,7 +230,7 @@ class PlaneMetrics:
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text of every metric (all workers' HTTP metrics plus the store's job gauges)."""
-        return generate_latest(self.http_registry) + render_text(self.collector.collect()), CONTENT_TYPE_LATEST
+        return generate_latest(self.http_registry) + self.collector.render(), CONTENT_TYPE_LATEST
 
 
 class _Both:

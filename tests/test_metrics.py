@@ -97,6 +97,7 @@ def test_a_scrape_never_raises_when_the_store_fails(sqlite_store):
     sqlite_store.engine = create_engine("sqlite:////nonexistent-dir/db.sqlite")
     families = list(registry.collect())
     assert families == [] and collector.failures == 1
+    assert collector.render() == b"" and collector.failures == 2
 
 
 def test_every_metric_name_of_the_brief_is_defined():
@@ -140,7 +141,7 @@ def test_the_fast_text_renderer_matches_prometheus_client(sqlite_store):
             {"step": s, "train_loss": 1.0 / s, "grad_norm": 0.1 * s} for s in range(1, 30)]})
     _job(sqlite_store, "waiting", status="queued")
     registry, collector = _registry(sqlite_store)
-    ours = metrics.render_text(collector.collect()).decode()
+    ours = collector.render().decode()
     theirs = generate_latest(registry).decode()
     parse = lambda text: sorted(  # noqa: E731
         (s.name, sorted(s.labels.items()), s.value) for f in text_string_to_metric_families(text) for s in f.samples)
