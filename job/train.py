@@ -116,6 +116,10 @@ class MetricsLog(TrainerCallback):
         """Start the tokens/s clock."""
         self._last_time, self._last_tokens = time.time(), 0.0
 
+    def on_save(self, args, state, control, **kwargs):
+        """Checkpoint time is not training throughput either."""
+        self._last_time = time.time()
+
     def on_step_end(self, args, state, control, **kwargs):
         """Log the last step too, whatever the interval (trl's default flow already evaluates and saves there)."""
         if state.global_step >= state.max_steps:
@@ -143,6 +147,7 @@ class MetricsLog(TrainerCallback):
                 "time": now,
             }
         elif "eval_loss" in logs:
+            self._last_time = now  # evaluation time is not training throughput
             record = {
                 "step": state.global_step,
                 "epoch": _finite(state.epoch),
@@ -265,14 +270,18 @@ def _restore_metrics(checkpoint_dir: Path, metrics_path: Path, step: int) -> Non
     saved.unlink(missing_ok=True)
 
 
-def _check_labels_kept(dataset: Any, expected_trainable: int, packing: bool) -> None:
-    """Guard against trl re-tokenizing or dropping our labels (its API has changed before)."""
-    labels = dataset["labels"]
-    trainable = sum(1 for row in labels for x in row if x != IGNORE)
-    if trainable == 0 or (not packing and trainable != expected_trainable):
+def _check_labels_kept(dataset: Any, rows: list[dict[str, list[int]]], packing: bool, sample: int = 64) -> None:
+    """Guard against trl re-tokenizing or dropping our labels (its API has changed before); checks a sample."""
+    k = min(sample, len(dataset))
+    labels = dataset.select(range(k))["labels"]
+    if packing:
+        # Packed rows are reordered; each must still mix masked prompt tokens and trainable reply tokens.
+        kept = all(IGNORE in row and any(x != IGNORE for x in row) for row in labels)
+    else:
+        kept = labels == [r["labels"] for r in rows[:k]]
+    if not kept:
         raise JobError(
-            f"internal: SFTTrainer changed the assistant-only labels ({trainable} trainable tokens, expected "
-            f"{expected_trainable}); this trl version is not supported"
+            "internal: SFTTrainer changed the assistant-only labels of the prepared rows; this trl version is not supported"
         )
 
 
@@ -349,7 +358,7 @@ def train(
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # MetricsLog logs one compact line per record instead
-    _check_labels_kept(trainer.train_dataset, train_set.trainable_tokens, t.packing)
+    _check_labels_kept(trainer.train_dataset, train_set.rows, t.packing)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.info("trainable params: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
