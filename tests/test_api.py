@@ -75,7 +75,7 @@ def test_a_spec_that_is_not_an_object_is_422(client, tokens, body):
     assert r.status_code == 422 and _error(r)["details"][0]["field"] == "(root)"
 
 
-@pytest.mark.parametrize("body", ["{", "{\"name\": }", "", "{\"a\": NaN}", "[" * 100_000])
+@pytest.mark.parametrize("body", ["{", "{\"name\": }", "", "{\"a\": NaN}", "[" * 100_000, "{\"min_rows\": 1e999}"])
 def test_malformed_json_is_400(client, tokens, body):
     r = client.post("/v1/jobs", data=body, content_type="application/json", headers=auth(tokens["jobs:write"]))
     assert r.status_code == 400 and _error(r)["code"] == "malformed_json"
@@ -283,7 +283,9 @@ def test_nan_losses_are_accepted_in_reports(app, client, tokens):
     ("body", "field"),
     [({"status": "exploded"}, "status"), ({"metrics": [{"train_loss": 1.0}]}, "metrics.0.step"),
      ({"metrics": [{"step": -1}]}, "metrics.0.step"), ({"events": [{"level": "loud", "message": "x"}]}, "events.0.level"),
-     ({"total_steps": "many"}, "total_steps"), ({"error": {"message": "no code"}}, "error.code")],
+     ({"total_steps": "many"}, "total_steps"), ({"error": {"message": "no code"}}, "error.code"),
+     ({"events": [{"message": "x", "time": 1.7e12}]}, "events.0.time"),
+     ({"metrics": [{"step": 1, "time": -5}]}, "metrics.0.time")],
 )
 def test_invalid_reports_are_422(app, client, body, field):
     job_id = _running_job(app, "sft_t")

@@ -88,8 +88,17 @@ def json_body(*, allow_nan: bool = False) -> Any:
         """Reject NaN and Infinity, which are not JSON."""
         raise ValueError(f"{name} is not valid JSON")
 
+    def _finite(text: str) -> float:
+        """Reject numbers too large for a double (1e999 would become infinity)."""
+        value = float(text)
+        if value in (float("inf"), float("-inf")):
+            raise ValueError(f"number {text} is out of range")
+        return value
+
     try:
-        return json.loads(raw, parse_constant=None if allow_nan else _no_constants)
+        if allow_nan:
+            return json.loads(raw)
+        return json.loads(raw, parse_constant=_no_constants, parse_float=_finite)
     except RecursionError:
         raise APIError(400, "malformed_json", "the JSON body is nested too deeply") from None
     except ValueError as e:

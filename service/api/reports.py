@@ -13,6 +13,7 @@ from service.auth import bearer_token, check_job_token
 from service.errors import APIError
 
 bp = Blueprint("reports", __name__, url_prefix="/v1/jobs")
+UNIX_TIME_MAX = 32503680000.0  # year 3000: times are Unix seconds, not milliseconds
 
 
 class _Body(BaseModel):
@@ -38,13 +39,13 @@ class MetricRecord(_Body):
     learning_rate: float | None = None
     grad_norm: float | None = None
     tokens_per_second: float | None = None
-    time: float | None = None
+    time: float | None = Field(None, ge=0, le=UNIX_TIME_MAX, allow_inf_nan=False)
 
 
 class ReportEvent(_Body):
     """Something the job wants in its event log."""
 
-    time: float | None = None
+    time: float | None = Field(None, ge=0, le=UNIX_TIME_MAX, allow_inf_nan=False)
     level: Literal["info", "warning", "error"] = "info"
     message: str = Field(..., max_length=10_000)
     data: dict = Field(default_factory=dict)
