@@ -299,8 +299,10 @@ def health_lines(health: dict | None) -> list[str]:
     for key in ("train", "eval"):
         s = health.get(key) or {}
         if s.get("last") is not None:
-            lines.append(f"  {key:<5} last {fmt_loss(s.get('last'))}  min {fmt_loss(s.get('min'))}"
-                         f"  slope/100 {fmt_slope(s.get('slope_per_100')).strip(' ()') or '-'}  points {s.get('points')}")
+            slope = s.get("slope_per_100")
+            lines.append(f"  {key:<5} last {fmt_loss(s.get('last'))}  min {fmt_loss(s.get('min'))}  slope "
+                         f"{f'{slope:+.3f}' if isinstance(slope, (int, float)) else '-'} per 100 steps"
+                         f"  points {s.get('points')}")
     if health.get("gap") is not None:
         lines.append(f"  gap (eval - train) {health['gap']:+.3f}")
     return lines

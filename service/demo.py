@@ -204,7 +204,15 @@ def find_job(url: str, run_label: str) -> dict[str, Any] | None:
     return items[0] if items else None
 
 
-def summarize(job: dict[str, Any], out_dir: Path) -> None:
+def human_size(size: int) -> str:
+    """`532.1 MB`, `12.3 kB` or `512 B`."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def summarize(url: str, job: dict[str, Any], out_dir: Path) -> None:
     """Print splits, loss summary and health checks, verification scores and the artifacts; copy the report locally."""
     from job import storage
 
@@ -216,14 +224,20 @@ def summarize(job: dict[str, Any], out_dir: Path) -> None:
     say(f"{data.get('rows_valid')} valid rows of {data.get('rows_read')} read ({data.get('format')}); "
         f"split train {splits.get('train')} / test {splits.get('test')} / verification {splits.get('verification')}")
 
-    from service.cli import fmt_loss, health_lines
+    from service.cli import ascii_plot, fmt_loss, health_lines
 
     heading("loss and health")
+    curves = requests.get(f"{url}/v1/jobs/{job['id']}/metrics", timeout=10).json()
+    for line in ascii_plot({"train": [(p["step"], p["loss"]) for p in curves.get("train") or []],
+                            "eval": [(p["step"], p["loss"]) for p in curves.get("eval") or []]}, height=10):
+        say(line)
     health = job.get("health") or report.get("health") or {}
     train = report.get("train") or {}
     if train:
-        say(f"{train.get('global_step', train.get('steps'))} steps on {report.get('device')}"
-            + (f" in {train['train_runtime_s']:.0f}s" if isinstance(train.get("train_runtime_s"), (int, float)) else ""))
+        runtime = train.get("runtime_s")
+        say(f"{train.get('steps')} steps on {train.get('device')} ({train.get('dtype')})"
+            + (f" in {runtime:.0f}s" if isinstance(runtime, (int, float)) else "")
+            + (f", {train['tokens_per_second']:.0f} tokens/s" if train.get("tokens_per_second") else ""))
     for key in ("train", "eval"):
         s = health.get(key) or {}
         say(f"{key:<5} loss: last {fmt_loss(s.get('last'))}, min {fmt_loss(s.get('min'))}, "
@@ -251,7 +265,7 @@ def summarize(job: dict[str, Any], out_dir: Path) -> None:
     for top, objs in sorted(by_top.items()):
         size = sum(o.size for o in objs)
         say(f"  {storage.join(output, top)}{'/' if len(objs) > 1 or '/' in objs[0].key else ''}"
-            f"  ({len(objs)} file{'s' if len(objs) != 1 else ''}, {size / 1e6:.1f} MB)")
+            f"  ({len(objs)} file{'s' if len(objs) != 1 else ''}, {human_size(size)})")
     out_dir.mkdir(parents=True, exist_ok=True)
     from job.errors import StorageError
 
@@ -262,6 +276,8 @@ def summarize(job: dict[str, Any], out_dir: Path) -> None:
             say(f"warning: could not copy {name}: {e}")
     copied = sorted(p.name for p in out_dir.iterdir())
     say(f"copied {', '.join(copied)} to {out_dir}/ (open loss.png for the curves)")
+    say(f"S3 endpoint: {os.environ.get('AWS_ENDPOINT_URL_S3')} (the embedded one stops with the demo; "
+        "set S3_ENDPOINT_URL to keep the artifacts in your own store)")
 
 
 def interrupt(signum: int, frame: Any) -> None:
@@ -318,15 +334,14 @@ def run(args: argparse.Namespace, started: float) -> int:
             log = data_dir / "jobs" / job["id"] / "job.log"
             raise DemoError(f"job {job['id']} {job['status']}: {(job.get('error') or {}).get('message')}\n"
                             f"last lines of its log ({log}):\n{tail(log)}")
-        summarize(job, args.output_dir.resolve())
-        if args.keep:
-            say(f"\n--keep: the plane and S3 stay up until Ctrl-C; try: SFTOPS_URL={url} sftops metrics {job['id']}")
-        else:
-            say(f"\nrun `.venv/bin/python -m service.demo --keep` to explore the job "
-                f"with `sftops status|metrics|events|artifacts {job['id']}` afterwards")
-            while True:
-                time.sleep(3600)
-        return code
+        summarize(url, job, args.output_dir.resolve())
+        if not args.keep:
+            say(f"\nto explore the job afterwards with `sftops status|metrics|events|artifacts {job['id']}`, "
+                "run `.venv/bin/python -m service.demo --keep`")
+            return code
+        say(f"\n--keep: the plane and S3 stay up until Ctrl-C; try: SFTOPS_URL={url} .venv/bin/sftops metrics {job['id']}")
+        while True:
+            time.sleep(3600)
 
 
 def cancel_if_running(url: str, run_label: str) -> None:

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -103,3 +104,42 @@ def test_submit_train_and_publish_through_the_plane(s3, tiny_model, plane_factor
     # what a user reads next
     assert cli.main(["artifacts", job_id]) == 0
     assert s3.uri("runs/e2e/adapter/") in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_cleans_up(tiny_model, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    # the demo as `make demo` runs it, with the tiny model standing in for SmolLM2 and a shorter schedule
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_model, cache / "models" / "SmolLM2-135M-Instruct")
+    spec = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
+    spec["training"].update({"max_steps": 6, "eval_every": 3, "checkpoint_every": 3})
+    spec["verify"].update({"max_new_tokens": 8, "batch_size": 20})
+    spec_path = tmp_path / "demo.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SFTOPS_", "AWS_")) and k not in ("S3_ENDPOINT_URL", "PROMETHEUS_MULTIPROC_DIR")}
+    env["SFTOPS_MODEL_CACHE"] = str(cache)
+    proc = subprocess.run([sys.executable, "-m", "service.demo", "--spec", str(spec_path),
+                           "--output-dir", str(tmp_path / "demo-output")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout
+    assert proc.returncode == 0, f"{proc.stderr[-3000:]}\n{out[-3000:]}"
+    for heading in ("== data", "== loss and health", "== verification", "== artifacts"):
+        assert heading in out
+    assert re.search(r"split train 900 / test 60 / verification 40", out)
+    assert re.search(r"health: \w+", out) and re.search(r"\[(pass|FAIL|n/a )\] 5\. ", out)
+    assert re.search(r"^base\s+\d\.\d{3}\s+\d\.\d{3}$", out, re.M) and re.search(r"^tuned\s+\d\.\d{3}", out, re.M)
+    assert "s3://sftops-demo/runs/demo-support-triage/merged/" in out
+    assert "s3://sftops-demo/runs/demo-support-triage/adapter/" in out
+    assert {p.name for p in (tmp_path / "demo-output").iterdir()} == {"report.md", "loss.png", "report.json"}
+    assert (tmp_path / "demo-output" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # everything it started is gone: no gunicorn or job process left with its data dir
+    data_dir = re.search(r"SQLite in (\S+)\)", out).group(1)
+    assert not Path(data_dir).exists()
+    leftovers = subprocess.run(["pgrep", "-f", data_dir], capture_output=True, text=True).stdout.split()
+    assert leftovers == []
