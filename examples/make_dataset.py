@@ -1,17 +1,17 @@
 """Generate the demo dataset: customer-support tickets triaged into JSON (seeded, so every run writes the same file).
 
-Each row is a chat in the `messages` format:
+Each row is a chat in the `messages` format (about 70 tokens):
 
-    system     "Triage the support ticket. Reply with JSON: ..."
-    user       a ticket written by a customer, e.g.
-               "Hi, my order A-20417 arrived but the kettle has a cracked lid. Please help, it was a gift. - Dana"
-    assistant  {"category": "damaged_item", "product": "kettle", "order_id": "A-20417",
-                "priority": "normal", "summary": "The kettle in order A-20417 arrived broken."}
+    system     "Triage the ticket. Reply in JSON."
+    user       a ticket written by a customer, e.g. "Hi, my toaster still has not arrived. I need this today."
+    assistant  {"category": "late_delivery", "priority": "high", "summary": "The ordered toaster is late; second contact"}
 
-`category`, `product`, `order_id` and `priority` follow from the ticket (the model can learn them exactly);
-`summary` is one of several paraphrases picked at random, so part of every reply cannot be predicted from the
-ticket. That irreducible entropy is what makes the train loss settle near 0.3-0.5 instead of falling to ~0,
-which is the healthy picture the demo wants to show (both losses fall and flatten, train a little below eval).
+`category` follows from the ticket's wording and `priority` from its urgency phrase (a ticket without one may be
+`low` or `normal`), so the model can learn them; `summary` is assembled from randomly chosen paraphrases (subject,
+predicate, trailing note), so part of every reply cannot be predicted from the ticket. That irreducible entropy is
+what makes the train loss settle around 0.3-0.5 instead of falling towards 0 the way a purely deterministic
+extraction task does, which is the healthy picture the demo wants to show: both losses fall and flatten, with
+train a little below eval.
 
 Usage: python examples/make_dataset.py [--rows 1000] [--seed 7] [--out examples/data/support_tickets.jsonl]
 """

@@ -120,3 +120,23 @@ if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     README.write_text(render(README.read_text()))
     print("README.md updated")
+
+
+def test_demo_dataset_is_what_the_generator_writes(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_dataset", ROOT / "examples" / "make_dataset.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.main(["--out", str(tmp_path / "d.jsonl")]) == 0
+    committed = ROOT / "examples" / "data" / "support_tickets.jsonl"
+    assert (tmp_path / "d.jsonl").read_bytes() == committed.read_bytes()
+    import json
+
+    from job.formats import detect
+
+    rows = [json.loads(line) for line in committed.read_text().splitlines()]
+    assert len(rows) == 1000 and len({json.dumps(r) for r in rows}) == 1000
+    assert {detect(r) for r in rows} == {"messages"}
+    reply = json.loads(rows[0]["messages"][-1]["content"])
+    assert set(reply) == {"category", "priority", "summary"}
