@@ -407,3 +407,66 @@ def test_cli_runs_without_the_plane_or_trainer_dependencies(spec_file):
     out = subprocess.run([sys.executable, "-c", code, str(spec_file)], capture_output=True, text=True, check=True,
                          cwd=ROOT).stdout
     assert out.strip() == "[]"
+
+
+# ---------------------------------------------------------------- the CI snippets in examples/ci
+
+CI = ROOT / "examples" / "ci"
+
+
+def ci_scripts() -> dict[str, tuple[str, str]]:
+    """snippet -> (the curl job's bash script, the CLI job's sftops command line), CI variables filled in."""
+    gh = yaml.safe_load((CI / "github-actions.yml").read_text())
+    gl = yaml.safe_load((CI / "gitlab-ci.yml").read_text())
+    gh_curl = gh["jobs"]["with-curl"]["steps"][-1]["run"]
+    gh_cli = gh["jobs"]["with-cli"]["steps"][-1]["run"]
+    gl_curl = gl["fine-tune-curl"]["script"][0]
+    gl_cli = gl["fine-tune-cli"]["script"][-1]
+    fill = {"${{ github.sha }}": "abc123", "${{ github.run_attempt }}": "1", "${CI_COMMIT_SHA}": "abc123",
+            "${CI_PIPELINE_ID}": "7"}
+    out = {}
+    for name, (curl, cli_line) in {"github": (gh_curl, gh_cli), "gitlab": (gl_curl, gl_cli)}.items():
+        for k, v in fill.items():
+            curl, cli_line = curl.replace(k, v), cli_line.replace(k, v)
+        out[name] = (curl, cli_line)
+    return out
+
+
+@pytest.mark.parametrize("snippet", ["github", "gitlab"])
+def test_ci_snippets_cli_lines_parse_and_gate_on_every_unhealthy_verdict(snippet):
+    import shlex
+
+    from job.health import UNHEALTHY_VERDICTS
+
+    curl, cli_line = ci_scripts()[snippet]
+    argv = shlex.split(cli_line)
+    assert argv[:2] == ["sftops", "submit"]
+    args = cli.build_parser().parse_args(argv[1:])
+    assert args.wait and args.fail_on_unhealthy and args.timeout == 7200 and args.idempotency_key
+    gate = re.search(r'case "\$verdict" in ([a-z_|]+)\)', curl).group(1)
+    assert set(gate.split("|")) == set(UNHEALTHY_VERDICTS)
+
+
+@pytest.mark.parametrize("snippet, outcome, expected", [("github", "healthy", 0), ("github", "unhealthy", 3),
+                                                         ("gitlab", "failed", 1)])
+def test_ci_curl_snippets_submit_poll_and_gate(live_plane, tmp_path, snippet, outcome, expected):
+    curl, _ = ci_scripts()[snippet]
+    spec = tmp_path / "spec.json"
+    label = uuid.uuid4().hex[:10]
+    spec.write_text(json.dumps(make_spec("ci-curl", labels={"run": label})))
+    # the runner's yq turns the YAML spec into JSON; here the spec is JSON already. Poll fast for the test.
+    script = re.sub(r"yq -o=json examples/full\.yaml", f"cat {spec}", curl).replace("sleep 15", "sleep 0.3")
+    env = {**os.environ, "SFTOPS_URL": live_plane.url, "SFTOPS_TOKEN": live_plane.tokens["admin"]}
+    proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job_id, token = take_over(live_plane, label)
+    if outcome == "failed":
+        post(live_plane, job_id, token, {"status": "running"})
+        post(live_plane, job_id, token, {"status": "failed", "error": {"code": "internal", "message": "boom"}})
+    else:
+        train, evals = (HEALTHY_TRAIN, HEALTHY_EVAL) if outcome == "healthy" else (FLAT_TRAIN, [])
+        post(live_plane, job_id, token, {"status": "running", "metrics": metrics_body(train, evals)})
+        post(live_plane, job_id, token, {"status": "succeeded", "artifacts": ARTIFACTS})
+    code, out, err = finish(proc)
+    assert code == expected, out + err
+    assert f"job {job_id}" in out
