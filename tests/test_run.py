@@ -97,7 +97,7 @@ def staged(s3, tiny_model):
 # ---------------------------------------------------------------- the happy path
 
 
-def test_run_end_to_end_produces_complete_output(s3, staged, tmp_path):
+def test_run_end_to_end_then_keeps_then_overwrites_output(s3, staged, tmp_path):
     from tests.test_reporter import TOKEN, Plane
 
     plane = Plane()
@@ -154,26 +154,25 @@ def test_run_end_to_end_produces_complete_output(s3, staged, tmp_path):
     assert reported_steps == logged_steps and logged_steps[-1] == 6
     print(f"tiny end-to-end job: {elapsed:.1f} s")
 
-
-def test_complete_output_is_kept_then_replaced_with_overwrite(s3, staged, tmp_path):
-    spec = tiny_spec(s3, staged["model"], staged["data"], "runs/twice/", max_steps=2, eval_every=2)
-    assert run_job(write_spec(tmp_path, spec), job_env(tmp_path)).returncode == 0
-    before = snapshot(s3, "runs/twice/")
-
+    # The same spec again: the completed output is kept, byte for byte.
+    before = snapshot(s3, "runs/e2e/")
     again = run_job(write_spec(tmp_path, spec), job_env(tmp_path))
     assert again.returncode == 2
     assert again.stderr.strip().splitlines()[-1].startswith("error: output s3://")
     assert "export.overwrite: true" in again.stderr
-    assert snapshot(s3, "runs/twice/") == before
+    assert snapshot(s3, "runs/e2e/") == before
 
+    # With export.overwrite it is replaced, and files the new run does not write (merged/) are gone.
     spec["export"] = {"overwrite": True, "merged": False}
+    spec["training"].update(max_steps=2, eval_every=2)
     replaced = run_job(write_spec(tmp_path, spec), job_env(tmp_path))
     assert replaced.returncode == 0, replaced.stderr[-3000:]
-    keys = s3.keys("runs/twice/")
-    assert not any(k.startswith("runs/twice/merged/") for k in keys)
-    manifest = json.loads(s3.get("runs/twice/manifest.json"))
-    assert {f["path"] for f in manifest["files"]} == {k.removeprefix("runs/twice/") for k in keys} - {"manifest.json"}
-    assert json.loads(s3.get("runs/twice/spec.json"))["export"]["overwrite"] is True
+    keys = s3.keys("runs/e2e/")
+    assert not any(k.startswith("runs/e2e/merged/") for k in keys)
+    manifest = json.loads(s3.get("runs/e2e/manifest.json"))
+    assert manifest["steps"] == 2
+    assert {f["path"] for f in manifest["files"]} == {k.removeprefix("runs/e2e/") for k in keys} - {"manifest.json"}
+    assert json.loads(s3.get("runs/e2e/spec.json"))["export"]["overwrite"] is True
 
 
 # ---------------------------------------------------------------- bad input: exit 2, one line, nothing lost
