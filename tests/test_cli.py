@@ -470,3 +470,17 @@ def test_ci_curl_snippets_submit_poll_and_gate(live_plane, tmp_path, snippet, ou
     code, out, err = finish(proc)
     assert code == expected, out + err
     assert f"job {job_id}" in out
+
+
+def test_wait_rides_out_a_plane_restart(live_plane, spec_file, env):
+    proc, label = start_wait(spec_file, env)
+    job_id, token = take_over(live_plane, label)
+    post(live_plane, job_id, token, {"status": "running"})
+    live_plane.stop()
+    time.sleep(1.0)  # a few polls fail meanwhile
+    live_plane.start()
+    post(live_plane, job_id, token, {"status": "succeeded", "artifacts": ARTIFACTS})
+    code, out, err = finish(proc)
+    assert code == 0, out + err
+    assert f"warning: cannot connect to the sftops API at {live_plane.url}" in out
+    assert f"job {job_id} (cli-test): succeeded" in out
