@@ -306,6 +306,8 @@ def train(
     t = spec.training
     choice = choose_device(t.precision)
     set_seed(t.seed)
+    # Cheap and the likeliest to fail (bucket, credentials): before loading anything heavy.
+    resumed_from = checkpoints.latest_complete(checkpoint_uri) if checkpoint_uri else None
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_set, test_set = _masked_splits(tokenizer, splits_dir, t.max_length)
@@ -332,9 +334,7 @@ def train(
     metrics_path = work_dir / METRICS_FILE
     sync = checkpoints.CheckpointSync(checkpoint_uri, work_dir / "upload") if checkpoint_uri else None
 
-    resume_dir, resumed_from = None, None
-    if checkpoint_uri:
-        resumed_from = checkpoints.latest_complete(checkpoint_uri)
+    resume_dir = None
     if resumed_from is not None:
         resume_dir = checkpoints.download(checkpoint_uri, resumed_from, work_dir / "resume" / f"checkpoint-{resumed_from}")
         _restore_metrics(resume_dir, metrics_path, resumed_from)

@@ -183,3 +183,12 @@ def test_masking_errors_reach_the_caller_before_training(tiny_model, splits, tmp
         {"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]}) + "\n")
     with pytest.raises(InputError, match="train.jsonl: no row has a trainable assistant token"):
         train(make_spec(tiny_model, max_steps=1), splits, tiny_model, tmp_path / "work", checkpoint_uri=None)
+
+
+def test_unusable_checkpoint_bucket_fails_before_training(tiny_model, splits, tmp_path, s3_env):
+    from job.errors import StorageError
+
+    with pytest.raises(StorageError, match="s3://no-such-bucket-sftops/ckpt/: bucket 'no-such-bucket-sftops' does not exist"):
+        train(make_spec(tiny_model, max_steps=1), splits, tiny_model, tmp_path / "work",
+              checkpoint_uri="s3://no-such-bucket-sftops/ckpt/")
+    assert not (tmp_path / "work" / "trainer").exists()
