@@ -13,7 +13,9 @@ Contract with the pipeline (`job.run`):
   time}` (eval records carry eval_loss and null train fields; NaN/inf are kept as JSON NaN/Infinity);
 - checkpoints every `training.checkpoint_every` steps (and at the end) to `checkpoint_uri/step-N/` with a
   COMPLETE marker written last, uploaded in the background; on start it resumes from the newest complete
-  checkpoint there, so the step count ends where an uninterrupted run would; `checkpoint_uri=None` disables both;
+  checkpoint there, so the step count ends where an uninterrupted run would (metrics.jsonl gets the records
+  saved with that checkpoint; on_log only sees new ones); the newest 2 complete checkpoints are kept;
+  `checkpoint_uri=None` disables both;
 - raises InputError (masking would be off, no trainable tokens, bad options), NonFiniteLossError
   (`code = "non_finite_loss"`, with `.step`) on a NaN/inf loss, StorageError when a checkpoint cannot be uploaded.
 """
