@@ -1,8 +1,8 @@
 """Load on the plane over loopback: requests/s and p50/p99 per endpoint with 1,000 jobs stored, SQLite and PostgreSQL.
 
-Runs gunicorn as deployed (service/gunicorn.conf.py, 2 workers) and `wrk` for a bounded time per endpoint,
-then times /metrics scrapes one by one. GET /healthz (no database) is the baseline each row is compared with.
-Prints a table; asserts nothing. Usage: python bench/api.py [--seconds 5] [--jobs 1000] [--backends sqlite,postgresql]
+Runs gunicorn as deployed (service/gunicorn.conf.py, 2 workers) and `wrk` for a bounded time per endpoint
+(rounds interleaved, medians shown), then times /metrics scrapes one by one. POST rows add jobs as they go. GET /healthz (no database) is the baseline each row is compared with.
+Prints a table; asserts nothing. Usage: python bench/api.py [--seconds 5] [--rounds 3] [--jobs 1000] [--backends sqlite,postgresql]
 """
 
 from __future__ import annotations
@@ -171,24 +171,37 @@ def bench_backend(name: str, database_url: str | None, args) -> tuple[list[dict]
         ids = seed(url_db, args.jobs)
         tokens = make_tokens()
         with gunicorn(data_dir, database_url, tokens, args.worker_class) as url:
-            rows = []
-            plan = [
+            read_auth = f'wrk.headers["Authorization"] = "Bearer {tokens["jobs:read"]}"'
+            reads = [
                 ("GET /healthz (baseline)", "/healthz", None, 16),
                 (f"GET /v1/jobs/{{id}} ({args.jobs} ids)", "/",
                  LUA_GET % (", ".join(f'"{i}"' for i in ids), tokens["jobs:read"]), 16),
-                ("POST /v1/jobs", "/v1/jobs", LUA_POST % (json.dumps(make_spec("bench-post")), tokens["jobs:write"]), 8),
-                ("GET /v1/jobs?limit=50", "/v1/jobs?limit=50", None, 8),
+                ("GET /v1/jobs?limit=50", "/v1/jobs?limit=50", read_auth, 8),
                 ("GET /metrics", "/metrics", None, 4),
             ]
-            for label, path, script, conns in plan:
-                if path == "/v1/jobs?limit=50":
-                    script = f'wrk.headers["Authorization"] = "Bearer {tokens["jobs:read"]}"'
-                result = run_wrk(url, path, args.seconds, conns, script)
-                rows.append({"backend": name, "endpoint": label, "connections": conns, **result})
+            # Reads first, with exactly args.jobs jobs stored; POST adds jobs, so it runs after them.
             scrape = scrape_times(url)
+            rows = _rounds(name, url, reads, args)
+            post = LUA_POST % (json.dumps(make_spec("bench-post")), tokens["jobs:write"])
+            rows += _rounds(name, url, [("POST /v1/jobs", "/v1/jobs", post, 8)], args)
         return rows, scrape
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _rounds(backend: str, url: str, plan: list[tuple], args) -> list[dict]:
+    """Run each (label, path, lua, connections) args.rounds times, interleaved; one row of medians each."""
+    results: dict[str, list[dict]] = {label: [] for label, *_ in plan}
+    for _ in range(args.rounds):  # interleaved, so a burst of outside load hits every endpoint alike
+        for label, path, script, conns in plan:
+            results[label].append(run_wrk(url, path, args.seconds, conns, script))
+    rows = []
+    for label, _, _, conns in plan:
+        runs = results[label]
+        rows.append({"backend": backend, "endpoint": label, "connections": conns,
+                     **{k: statistics.median(r[k] for r in runs) for k in ("rps", "p50", "p99", "errors")},
+                     "socket_errors": "; ".join(r["socket_errors"] for r in runs if r["socket_errors"])})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,12 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=5, help="wrk duration per endpoint")
     parser.add_argument("--jobs", type=int, default=1000, help="jobs stored before the load")
     parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per endpoint; the table shows medians")
     parser.add_argument("--worker-class", default="gthread", choices=["gthread", "sync"],
                         help="gunicorn worker class (service/gunicorn.conf.py defaults to gthread)")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     all_rows, scrapes = [], {}
+    load_before = os.getloadavg()[0]  # other work on the machine shifts every number: say how busy it was
     for backend in args.backends.split(","):
         if backend == "sqlite":
             rows, scrapes[backend] = bench_backend("sqlite", None, args)
@@ -211,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows, scrapes[backend] = bench_backend("postgresql", url, args)
         all_rows += rows
 
-    load = os.getloadavg()[0]
-    print(f"\nplane under gunicorn (2 {args.worker_class} workers), {os.cpu_count()} CPUs, load average {load:.1f}, wrk -t2, {args.seconds:.0f}s per row, "
+    load = f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+    print(f"\nplane under gunicorn (2 {args.worker_class} workers), {os.cpu_count()} CPUs, load average {load}, wrk -t2, median of {args.rounds} x {args.seconds}s per row, "
           f"{args.jobs} jobs stored")
     print(f"{'backend':<11} {'endpoint':<28} {'conns':>5} {'req/s':>9} {'vs base':>8} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
     for row in all_rows:
