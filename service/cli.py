@@ -253,16 +253,19 @@ def fmt_slope(value: Any) -> str:
     return f" ({value:+.3f}/100)" if isinstance(value, (int, float)) else ""
 
 
+def total_steps(job: dict) -> int | None:
+    """The job's total steps: as reported, else (until the job reports it) the spec's max_steps."""
+    reported = (job.get("progress") or {}).get("total_steps")
+    return reported or (((job.get("spec") or {}).get("training")) or {}).get("max_steps")
+
+
 def progress_line(job: dict) -> str:
     """One line of where a job is: status, step/total, losses and slopes, verdict, ETA."""
     status = job.get("status", "?")
     progress = job.get("progress") or {}
     health = job.get("health") or {}
     parts = [f"[{status}]"]
-    step, total = progress.get("step"), progress.get("total_steps")
-    if not total:
-        # until the job reports its total, a spec with max_steps already tells it
-        total = (((job.get("spec") or {}).get("training")) or {}).get("max_steps")
+    step, total = progress.get("step"), total_steps(job)
     if step is not None:
         pct = f" {100 * step / total:.0f}%" if total else ""
         parts.append(f"step {step}/{total if total else '?'}{pct}")
@@ -566,7 +569,7 @@ def cmd_list(args, client: Client) -> int:
     rows = [("ID", "NAME", "STATUS", "STEP", "VERDICT", "CREATED")]
     for j in items:
         p = j.get("progress") or {}
-        step = f"{p.get('step')}/{p.get('total_steps') or '?'}" if p.get("step") is not None else "-"
+        step = f"{p.get('step')}/{total_steps(j) or '?'}" if p.get("step") is not None else "-"
         rows.append((j["id"], j.get("name", ""), j.get("status", ""), step,
                      (j.get("health") or {}).get("verdict") or "-", j.get("created_at") or ""))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
