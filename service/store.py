@@ -383,10 +383,13 @@ class Store:
             raise IdempotencyConflict(row["id"])
         return job_view(row)
 
-    def get_job(self, job_id: str) -> dict[str, Any] | None:
-        """One job as the API shows it, or None (one indexed lookup on the hot path of GET /v1/jobs/{id})."""
+    def get_job(self, job_id: str, *, raw: bool = False) -> dict[str, Any] | None:
+        """One job as the API shows it, or None (one indexed lookup on the hot path of GET /v1/jobs/{id}).
+
+        raw=True: JSON columns stay serialised (see job_view), for responses only.
+        """
         row = self._fetch_one(_JOB_BY_ID, job_id)
-        return None if row is None else job_view(row)
+        return None if row is None else job_view(row, raw=raw)
 
     def _fetch_one(self, sql: str, *params: Any) -> dict[str, Any] | None:
         """Run one read straight on a pooled DB-API connection, as a dict or None.
@@ -427,8 +430,9 @@ class Store:
         labels: dict[str, str] | None = None,
         limit: int = 50,
         after: int | None = None,
+        raw: bool = False,
     ) -> tuple[list[dict[str, Any]], int | None]:
-        """Jobs newest first, filtered; returns (items, cursor of the next page or None)."""
+        """Jobs newest first, filtered; returns (items, cursor of the next page or None); raw: see job_view."""
         query = select(jobs).order_by(jobs.c.seq.desc()).limit(limit + 1)
         if status:
             query = query.where(jobs.c.status.in_(status))
@@ -442,7 +446,7 @@ class Store:
             rows = conn.execute(query).mappings().all()
         more = len(rows) > limit
         rows = rows[:limit]
-        return [job_view(r) for r in rows], (rows[-1]["seq"] if more else None)
+        return [job_view(r, raw=raw) for r in rows], (rows[-1]["seq"] if more else None)
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a job: queued -> cancelled now, running -> cancelling (the reconciler finishes it). Idempotent."""
@@ -1044,21 +1048,31 @@ def rfc3339(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
-def job_view(row) -> dict[str, Any]:
-    """The job object of the API from a jobs row (no token, lease or other internals)."""
+def job_view(row, *, raw: bool = False) -> dict[str, Any]:
+    """The job object of the API from a jobs row (no token, lease or other internals).
+
+    raw=True leaves the JSON columns as orjson Fragments: a response embeds them without parsing and
+    re-serialising (most of the cost of listing jobs); use it only for what goes straight to a client.
+    """
+    load = _fragment if raw else _loads
     return {
         "id": row["id"],
         "name": row["name"],
         "status": row["status"],
         "submitter": row["submitter"],
-        "labels": _loads(row["labels"]),
-        "spec": _loads(row["spec"]),
+        "labels": load(row["labels"]),
+        "spec": load(row["spec"]),
         "created_at": rfc3339(row["created_at"]),
         "updated_at": rfc3339(row["updated_at"]),
         "started_at": rfc3339(row["started_at"]),
         "finished_at": rfc3339(row["finished_at"]),
-        "progress": _loads(row["progress"]) or _empty_progress(),
-        "health": _loads(row["health"]),
-        "error": _loads(row["error"]),
-        "artifacts": _loads(row["artifacts"]),
+        "progress": load(row["progress"]) if row["progress"] is not None else _empty_progress(),
+        "health": load(row["health"]),
+        "error": load(row["error"]),
+        "artifacts": load(row["artifacts"]),
     }
+
+
+def _fragment(value: str | None) -> orjson.Fragment | None:
+    """A JSON column as an already-serialised fragment (None stays null)."""
+    return None if value is None else orjson.Fragment(value)

@@ -20,7 +20,7 @@ IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 def _job_or_404(job_id: str) -> dict:
     """The job, or APIError 404 (ids that cannot exist are refused without a query)."""
-    job = store().get_job(job_id) if JOB_ID_RE.match(job_id) else None
+    job = store().get_job(job_id, raw=True) if JOB_ID_RE.match(job_id) else None
     if job is None:
         raise APIError(404, "not_found", f"no job {job_id!r}")
     return job
@@ -64,7 +64,7 @@ def list_():
                            {"parameter": "label"})
         labels[key] = val
     limit = int_arg("limit", 50, low=1, high=500)
-    items, cursor = store().list_jobs(status=statuses or None, labels=labels, limit=limit, after=cursor_arg())
+    items, cursor = store().list_jobs(status=statuses or None, labels=labels, limit=limit, after=cursor_arg(), raw=True)
     return jsonify({"items": items, "next": None if cursor is None else str(cursor)})
 
 
