@@ -33,6 +33,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("METRICS_RETENTION_SECONDS", 3600, "How long a finished job's gauges stay on /metrics."),
     Setting("CALLBACK_SECRET", None, "HMAC-SHA256 key that signs callback_url deliveries (unsigned when unset)."),
     Setting("REPORT_GRACE_SECONDS", 10.0, "How long a run may be gone before its job is failed for not reporting."),
+    Setting("BIND", "127.0.0.1:8000", "Address gunicorn listens on (service/gunicorn.conf.py)."),
+    Setting("WORKERS", 2, "gunicorn worker processes (or WEB_CONCURRENCY)."),
+    Setting("WORKER_CLASS", "gthread", "gunicorn worker class: gthread (keep-alive, threads) or sync."),
+    Setting("THREADS", 4, "Threads per gthread worker."),
+    Setting("LOG_LEVEL", "info", "gunicorn log level."),
     Setting("K8S_*", None, "Kubernetes launcher settings, one per KubernetesSettings field "
             "(e.g. SFTOPS_K8S_NAMESPACE, SFTOPS_K8S_IMAGE); see service/launchers/k8s_manifest.py."),
 )
