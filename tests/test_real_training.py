@@ -9,26 +9,24 @@ import pytest
 
 from tests.test_run import job_env, jsonl, run_job, write_spec
 
-# Three bins named arbitrarily: the base model cannot guess the answer format, the tuned one learns it
-# from the item's (well-known) category.
-BINS = {
-    "BIN-A": ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "peach", "pear", "plum"],
-    "BIN-B": ["hammer", "wrench", "saw", "drill", "chisel", "pliers", "screwdriver", "shovel", "rake", "axe"],
-    "BIN-C": ["dog", "cat", "horse", "cow", "sheep", "goat", "rabbit", "tiger", "lion", "zebra"],
-}
+# A made-up answer format the base model cannot guess; the tuned model learns it and copies the word over.
+WORDS = (
+    "apple banana cherry grape lemon mango orange peach pear plum hammer wrench saw drill chisel pliers shovel rake "
+    "axe dog cat horse cow sheep goat rabbit tiger lion zebra river mountain forest desert ocean island valley "
+    "castle bridge tower garden window mirror candle pencil rocket guitar violin piano drum camera bottle basket"
+).split()
 ROWS = 270
-STEPS = 30
+STEPS = 20
 
 
-def bin_rows(n: int) -> list[dict]:
-    """n distinct rows: an order number and an item; the answer is the item's bin."""
-    items = [(item, label) for label, words in BINS.items() for item in words]
+def tag_rows(n: int) -> list[dict]:
+    """n distinct rows: an order number and a word; the answer wraps the word in a fixed pattern."""
     rows = []
     for i in range(n):
-        item, label = items[(i * 7) % len(items)]
+        word = WORDS[(i * 7) % len(WORDS)]
         rows.append({"messages": [
-            {"role": "user", "content": f"Order {1000 + i}: which bin does this item go in? {item}"},
-            {"role": "assistant", "content": label},
+            {"role": "user", "content": f"Order {1000 + i}: make the tag for {word}"},
+            {"role": "assistant", "content": f"TAG {word} END"},
         ]})
     return rows
 
@@ -36,12 +34,12 @@ def bin_rows(n: int) -> list[dict]:
 @pytest.mark.slow
 def test_real_model_learns_the_task(s3, smollm_dir, tmp_path):
     spec = {
-        "name": "smollm-bins",
+        "name": "smollm-tags",
         "base_model": str(smollm_dir),
-        "dataset": s3.put("data/bins.jsonl", jsonl(bin_rows(ROWS))),
+        "dataset": s3.put("data/tags.jsonl", jsonl(tag_rows(ROWS))),
         "output": s3.uri("runs/smollm/"),
         "training": {"max_steps": STEPS, "batch_size": 8, "learning_rate": 1e-3, "max_length": 96,
-                     "eval_every": 6, "checkpoint_every": 15, "logging_every": 1, "warmup_ratio": 0.05},
+                     "eval_every": 5, "checkpoint_every": 10, "logging_every": 1, "warmup_ratio": 0.05},
         "verify": {"max_new_tokens": 8, "batch_size": 8},
         "export": {"merged": False},  # merging is covered by test_export; 540 MB more to write here
     }
@@ -53,7 +51,7 @@ def test_real_model_learns_the_task(s3, smollm_dir, tmp_path):
     report = json.loads(s3.get("runs/smollm/report.json"))
     records = [json.loads(line) for line in s3.get("runs/smollm/metrics.jsonl").decode().splitlines()]
     evals = [r["eval_loss"] for r in records if r["eval_loss"] is not None]
-    assert len(evals) == STEPS // 6
+    assert len(evals) == STEPS // 5
     assert evals[-1] < evals[0] * 0.8, evals
     train = [r["train_loss"] for r in records if r["train_loss"] is not None]
     assert sum(train[-5:]) / 5 < sum(train[:5]) / 5
