@@ -1,7 +1,8 @@
 """A real PostgreSQL for the store tests: pytest-postgresql's `postgresql_proc` on 127.0.0.1, one database per test.
 
-PostgreSQL refuses to run as root, and CI runs as root: then pg_ctl is called through a small wrapper
-that runs it as the `postgres` user and lets that user reach the test's data directory.
+pg_ctl is called through a small wrapper: PostgreSQL refuses to run as root, and CI runs as root, so there it
+runs pg_ctl as the `postgres` user and lets that user reach the test's data directory; and it keeps
+mirakuru's process mark off the server (see _WRAPPER).
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def find_pg_ctl() -> str | None:
 
 
 _WRAPPER = """#!/bin/sh
+# pg_ctl for pytest-postgresql.
+# mirakuru marks what it starts with mirakuru_uuid=<pid>:<uuid4>, and every python process that imported it
+# SIGKILLs, at exit, all processes whose mark merely *contains* its own pid: another test run ending on the
+# same machine can hit our server that way. Drop the mark (`pg_ctl stop` still shuts the server down).
+unset mirakuru_uuid
+if [ "$(id -u)" != 0 ]; then exec "{pg_ctl}" "$@"; fi
 # pg_ctl refuses to run as root: run it as postgres, after handing it the data dir and log file.
 set -e
 prev=""
@@ -55,16 +62,16 @@ exec runuser -u postgres -- "{pg_ctl}" "$@"
 
 
 def pg_ctl_executable() -> str | None:
-    """The pg_ctl to give pytest-postgresql (the root wrapper when running as root)."""
+    """The pg_ctl to give pytest-postgresql: a wrapper script (see _WRAPPER); None without PostgreSQL."""
     pg_ctl = find_pg_ctl()
-    if pg_ctl is None or os.geteuid() != 0:
-        return pg_ctl
-    wrapper = Path(tempfile.gettempdir()) / "sftops-pg_ctl-as-postgres.sh"
+    if pg_ctl is None:
+        return None
+    wrapper = Path(tempfile.gettempdir()) / f"sftops-pg_ctl-{os.geteuid()}.sh"
     text = _WRAPPER.replace("{pg_ctl}", pg_ctl)
     if not wrapper.exists() or wrapper.read_text() != text:
         tmp = wrapper.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(text)
-        tmp.chmod(stat.S_IRWXU)
+        tmp.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
         tmp.replace(wrapper)
     return str(wrapper)
 
@@ -86,8 +93,20 @@ def postgres_url(request) -> str:
     proc = request.getfixturevalue("postgresql_proc")
     name = "sftops_" + secrets.token_hex(6)
     admin = f"host={proc.host} port={proc.port} user={proc.user} dbname=postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://{proc.user}@{proc.host}:{proc.port}/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        yield f"postgresql+psycopg://{proc.user}@{proc.host}:{proc.port}/{name}"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    except psycopg.OperationalError as e:
+        # The server went away: show why (its log) instead of only "connection refused".
+        raise RuntimeError(f"PostgreSQL on port {proc.port} failed: {e}\n--- server log ---\n{_log_tail(proc)}") from e
+
+
+def _log_tail(proc, lines: int = 40) -> str:
+    """The end of the server's log file."""
+    try:
+        return "\n".join(Path(proc.logfile).read_text(errors="replace").splitlines()[-lines:])
+    except OSError as e:
+        return f"(no log: {e})"
