@@ -57,6 +57,8 @@ class CallbackSender:
         self.store = store
         secret = app.config.get("CALLBACK_SECRET")
         self.secret = None if secret in (None, "") else str(secret)
+        if self.secret is None:
+            log.warning("SFTOPS_CALLBACK_SECRET is not set: callback_url deliveries will not be signed")
         self.interval = float(app.config["RECONCILE_INTERVAL"])
         app.extensions["sftops.callbacks"] = self
         if self.interval > 0:
