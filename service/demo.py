@@ -325,7 +325,7 @@ def run(args: argparse.Namespace, started: float) -> int:
 
         heading("submitting the job (the CLI follows it; Ctrl-C stops the demo and the job)")
         run_label = uuid.uuid4().hex[:12]
-        stack.callback(cancel_if_running, url, run_label)
+        stack.callback(stop_job, url, run_label, data_dir)
         code = submit(url, args.spec, run_label)
         job = find_job(url, run_label)
         if job is None:
@@ -344,19 +344,30 @@ def run(args: argparse.Namespace, started: float) -> int:
             time.sleep(3600)
 
 
-def cancel_if_running(url: str, run_label: str) -> None:
-    """On the way out, cancel the demo's job if it still runs (Ctrl-C during training) and give it time to stop."""
-    with contextlib.suppress(requests.RequestException):
+def stop_job(url: str, run_label: str, data_dir: Path, timeout: float = 60.0) -> None:
+    """On the way out, cancel the demo's job if it still runs (Ctrl-C) and wait until its process has exited.
+
+    A job reports success a moment before its process ends (flushing, cleaning up), and the local launcher runs it
+    outside gunicorn's process group, so stopping the plane alone could leave it behind.
+    """
+    from service.launchers.local_runner import EXIT_CODE_FILE
+
+    try:
         job = find_job(url, run_label)
-        if job is None or job["status"] in ("succeeded", "failed", "cancelled"):
+        if job is None:
             return
-        requests.post(f"{url}/v1/jobs/{job['id']}/cancel", timeout=10)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            job = requests.get(f"{url}/v1/jobs/{job['id']}", timeout=10).json()
-            if job.get("status") in ("failed", "cancelled", "succeeded"):
-                return
-            time.sleep(1)
+        if job["status"] not in ("succeeded", "failed", "cancelled"):
+            requests.post(f"{url}/v1/jobs/{job['id']}/cancel", timeout=10)
+    except requests.RequestException as e:
+        say(f"warning: could not cancel the demo job: {e}")
+        return
+    run_dir = data_dir / "jobs" / job["id"]
+    deadline = time.monotonic() + timeout
+    while run_dir.exists() and not (run_dir / EXIT_CODE_FILE).exists():
+        if time.monotonic() > deadline:
+            say(f"warning: job {job['id']} has not exited after {timeout:.0f}s; see {run_dir}")
+            return
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":
