@@ -68,7 +68,16 @@ def postgres_url():
     try:
         import psycopg
 
-        with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as conn:
+        deadline = time.monotonic() + 30
+        while True:  # the port opens before the server accepts sessions ("the database system is starting up")
+            try:
+                conn = psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True)
+                break
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        with conn:
             conn.execute("CREATE DATABASE sftops")
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/sftops"
     finally:

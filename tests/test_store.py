@@ -296,3 +296,20 @@ def test_events_paginate_with_a_cursor(store):
     rest, end = store.list_events(job["id"], after=cursor, limit=10)
     assert [e["message"] for e in first + rest][1:] == [f"m{i}" for i in range(5)]
     assert end is None
+
+
+def test_reads_survive_connections_the_server_dropped(store):
+    job, _ = store.create_job(_spec(), submitter="ci")
+    store.get_job(job["id"])  # leaves idle connections in the pool
+    if store.dialect == "postgresql":  # what a server restart does to every idle pooled connection
+        import psycopg
+
+        url = store.engine.url
+        with psycopg.connect(host=url.host, port=url.port, user=url.username, dbname=url.database,
+                             autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()[0]
+        assert killed >= 1
+    assert [store.get_job(job["id"])["id"] for _ in range(3)] == [job["id"]] * 3
