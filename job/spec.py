@@ -234,26 +234,24 @@ def _check_uri(uri: str, schemes: tuple[str, ...], what: str) -> str:
     return uri
 
 
-def format_validation_error(err: ValidationError, source: str = "spec") -> str:
-    """Render pydantic errors as one line per field: `source: field.path: message`."""
-    lines = []
+def validation_details(err: ValidationError) -> list[dict[str, str]]:
+    """Pydantic errors as a list of {field, message}, field being the dotted path (for JSON APIs)."""
+    details = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(root)"
+        # repr() keeps a key with a newline (a client can send any key) on one line
+        path = ".".join(p if p.isprintable() else repr(p) for p in map(str, e["loc"]))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see the spec reference in README.md)"
         elif e["type"] == "missing":
             msg = "field required"
-        lines.append(f"{source}: {path}: {msg}")
-    return "\n".join(lines)
+        details.append({"field": path or "(root)", "message": msg})
+    return details
 
 
-def validation_details(err: ValidationError) -> list[dict[str, str]]:
-    """The same errors as a list of {field, message} for JSON APIs."""
-    return [
-        {"field": f.split(": ", 2)[1], "message": f.split(": ", 2)[2]}
-        for f in format_validation_error(err, "spec").splitlines()
-    ]
+def format_validation_error(err: ValidationError, source: str = "spec") -> str:
+    """Render pydantic errors as one line per field: `source: field.path: message`."""
+    return "\n".join(f"{source}: {d['field']}: {d['message']}" for d in validation_details(err))
 
 
 def parse_spec(data: Any, source: str = "spec") -> JobSpec:
