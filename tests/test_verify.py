@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from job.errors import InputError
-from job.verify import exact_match, load_rows, normalize_tokens, score, split_row, token_f1
+from job.verify import exact_match, load_rows, normalize_tokens, run_verification, score, split_row, token_f1
 
 
 def test_verify_module_does_not_import_torch():
@@ -126,3 +126,38 @@ def test_load_rows_names_file_and_line(tmp_path):
         load_rows(path)
     path.write_text(json.dumps(good) + "\n")
     assert load_rows(path) == [{"messages": [{"role": "user", "content": "q"}], "reference": "r"}]
+
+
+def test_run_verification_batched_left_padding_matches_one_by_one(tiny_model, tmp_path):
+    """Batched greedy generation (left padding) gives what one-at-a-time generation gives, for base and tuned."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(3)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # a strong adapter, so tuned and base outputs differ
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    questions = ["hi", "What is the capital of France? Answer in one word.", "2+2?", "Tell me a long story " * 5]
+    split = tmp_path / "verification.jsonl"
+    split.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"ref {i}"}]}) + "\n"
+        for i, q in enumerate(questions)
+    ))
+
+    batched = run_verification(model, tokenizer, split, tmp_path / "b.jsonl", max_new_tokens=6, batch_size=4)
+    single = run_verification(model, tokenizer, split, tmp_path / "s.jsonl", max_new_tokens=6, batch_size=1)
+
+    rows_b = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    rows_s = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert rows_b == rows_s
+    assert batched == single and batched["rows"] == 4
+    assert [r["reference"] for r in rows_b] == ["ref 0", "ref 1", "ref 2", "ref 3"]  # input order kept
+    assert rows_b[1]["prompt"].endswith("<|im_start|>assistant\n") and "capital of France" in rows_b[1]["prompt"]
+    assert any(r["base"] != r["tuned"] for r in rows_b)
+    assert all(r["tuned"] for r in rows_b)
+    assert tokenizer.padding_side == "right"  # restored for the exported tokenizer
