@@ -151,6 +151,9 @@ def main() -> None:
         for _ in range(args.repeat):
             for name, (kind, packing) in variants.items():
                 runs[name].append(run_worker(kind, {**cfg, "packing": packing}))
+                r = runs[name][-1]
+                print(f"  {name}: {r['tokens_per_s']:.1f} tokens/s, {r['phase_s']:.0f} s, {r['peak_rss_mib']:.0f} MiB",
+                      file=sys.stderr, flush=True)
         results = {name: max(rs, key=lambda r: r["tokens_per_s"]) for name, rs in runs.items()}
 
     base = results["plain SFTTrainer"]
