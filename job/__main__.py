@@ -33,7 +33,8 @@ def run(spec_uri: str, work_dir: Path | None = None) -> None:
         model_dir = stage.pull_model(spec, job.cache_dir)  # resolve, then check it is a causal LM
         data_report = stage.prepare(spec, job.splits_dir)  # validate, normalise, split
         stage.reset_output(spec)  # only when replacing a completed output (export.overwrite)
-        result = stage.train(spec, job, model_dir, on_log=LiveHealth(spec.health, job.reporter))
+        live = LiveHealth(spec.health, job.reporter, history=job.train_dir / "metrics.jsonl")  # health as it trains
+        result = stage.train(spec, job, model_dir, on_log=live)
         scores = stage.verify(spec, result, job)  # greedy base vs tuned on the verification split
         document = stage.write_report(spec, job, data_report, result, scores)  # report.json/.md, loss.png
         artifacts = stage.export(spec, job, result, model_dir, document)  # upload; manifest.json last

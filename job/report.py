@@ -22,12 +22,30 @@ log = logging.getLogger(__name__)
 class LiveHealth:
     """Callback for each logged record: forward it to the plane and track the curve's health verdict."""
 
-    def __init__(self, spec: HealthSpec, reporter: Any):
-        """Track against the spec's target band and threshold overrides."""
+    def __init__(self, spec: HealthSpec, reporter: Any, history: Path | None = None):
+        """Track against the spec's target band and threshold overrides.
+
+        `history` is the trainer's metrics.jsonl: after a resume it already holds the steps before the
+        checkpoint, which the tracker reads on the first call (they were reported by the earlier attempt).
+        """
         self.tracker = health.HealthTracker(target_band=tuple(spec.target_band), thresholds=spec.thresholds or None)
         self.reporter = reporter
+        self.history = history
         self.verdict: str | None = None
         self.records = 0
+
+    def _seed(self, before_step: int) -> None:
+        """Feed the tracker the records logged before `before_step` by an earlier attempt of this job."""
+        if self.history is None or not self.history.is_file():
+            return
+        earlier = [r for r in read_metrics(self.history) if int(r["step"]) < before_step]
+        train, evals = loss_points(earlier)
+        for step, loss in train:
+            self.tracker.add_train(step, loss)
+        for step, loss in evals:
+            self.tracker.add_eval(step, loss)
+        if earlier:
+            log.info("health: carried %d earlier records over from before the resume", len(earlier))
 
     def __call__(self, record: Mapping[str, Any]) -> None:
         """Called by the trainer for every logged step; cheap, and never raises into the training loop."""
@@ -35,6 +53,8 @@ class LiveHealth:
         self.reporter.metric(record)
         try:
             step = int(record["step"])
+            if self.records == 1:
+                self._seed(step)
             if record.get("train_loss") is not None:
                 self.tracker.add_train(step, float(record["train_loss"]))
             if record.get("eval_loss") is not None:
@@ -62,6 +82,12 @@ def loss_points(metrics: list[Mapping[str, Any]]) -> tuple[list[tuple[int, float
         if r.get("eval_loss") is not None:
             evals[int(r["step"])] = float(r["eval_loss"])
     return sorted(train.items()), sorted(evals.items())
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file (NaN/Infinity allowed, as the trainer writes them)."""
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def final_health(metrics: list[Mapping[str, Any]], spec: HealthSpec) -> dict[str, Any]:

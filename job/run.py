@@ -7,7 +7,6 @@ torch and the trainer are imported inside the stages that need them.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -47,6 +46,7 @@ class JobRun:
         self.work_dir = Path(configured) if configured else Path(tempfile.mkdtemp(prefix="sftops-job-"))
         self.out_dir = self.work_dir / "out"  # mirrors the output prefix; uploaded by export
         self.splits_dir = self.out_dir / "splits"
+        self.train_dir = self.work_dir / "train"  # the trainer's scratch; its metrics.jsonl is the live log
         self.cache_dir = Path(os.environ.get("SFTOPS_MODEL_CACHE") or Path.home() / ".cache" / "sftops")
         self.reporter = reporter if reporter is not None else Reporter.from_env()
         self.step: int | None = None
@@ -173,7 +173,7 @@ def train(spec: JobSpec, run: JobRun, model_dir: Path, on_log: Any) -> Any:
         spec,
         run.splits_dir,
         model_dir,
-        run.work_dir / "train",
+        run.train_dir,
         checkpoint_uri=storage.join(spec.output, CHECKPOINTS),
         on_log=on_log,
     )
@@ -204,17 +204,13 @@ def verify(spec: JobSpec, result: Any, run: JobRun) -> dict[str, Any] | None:
     )
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file."""
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def write_report(spec: JobSpec, run: JobRun, data_report: dict[str, Any], result: Any, scores: Any) -> dict[str, Any]:
     """report.json, report.md and loss.png into the output staging dir; returns the report."""
     from job import report
 
-    metrics = read_metrics(run.out_dir / "metrics.jsonl")
+    metrics = report.read_metrics(run.out_dir / "metrics.jsonl")
     analysis = report.final_health(metrics, spec.health)
     document = report.build_report(
         spec,

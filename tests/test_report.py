@@ -131,3 +131,22 @@ def test_write_reports_makes_png(tmp_path):
     assert (tmp_path / "report.md").read_text().startswith("# Fine-tuning report")
     png = (tmp_path / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def test_live_health_after_resume_reads_earlier_steps_once(tmp_path):
+    train, evals = healthy_curve()
+    rows = records(train, evals=evals)
+    history = tmp_path / "metrics.jsonl"
+    # As the trainer leaves it on resume at step 150: the restored records, then the first new one.
+    resumed_at = next(i for i, r in enumerate(rows) if r["step"] == 151 and r["train_loss"] is not None)
+    history.write_text("".join(json.dumps(r) + "\n" for r in rows[: resumed_at + 1]))
+    sink = Recorder()
+    live = report.LiveHealth(HealthSpec(), sink, history=history)
+    for r in rows[resumed_at:]:
+        live(r)
+    assert [m["step"] for m in sink.metrics][0] == 151  # only new records go to the plane
+    assert sink.events[0][1] != "health: insufficient_data"  # judged on the whole curve from the first call
+    assert live.tracker.analysis()["train"]["points"] == len(train)
+    fresh = report.LiveHealth(HealthSpec(), Recorder(), history=tmp_path / "absent.jsonl")
+    fresh(rows[0])
+    assert fresh.verdict == "insufficient_data"
