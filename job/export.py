@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from job import storage
-from job.errors import InputError, StorageError
+from job.errors import InputError
 from job.spec import ExportSpec
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def publish(out_dir: Path, output: str, *, overwrite: bool, status: str, **manif
                 "choose a new output or set export.overwrite: true"
             )
         # First, so that a crash below never leaves the old "complete" marker over mixed files.
-        delete_object(manifest_uri)
+        storage.delete(manifest_uri)
         log.info("removed the old manifest of %s (export.overwrite)", output)
     for name in OWNED_PREFIXES:
         storage.delete_prefix(storage.join(output, name) + "/")
@@ -135,20 +135,6 @@ def publish(out_dir: Path, output: str, *, overwrite: bool, status: str, **manif
         "report": storage.join(output, "report.json"),
         "loss_png": storage.join(output, "loss.png"),
     }
-
-
-def delete_object(uri: str) -> None:
-    """Delete one object or file (storage.delete_prefix only removes whole prefixes); raises StorageError."""
-    if not storage.is_s3(uri):
-        storage.delete_prefix(uri)  # a plain path: unlinks the file
-        return
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, key = storage.split_s3(uri)
-    try:
-        storage.client().delete_object(Bucket=bucket, Key=key)
-    except (BotoCoreError, ClientError) as e:
-        raise StorageError(f"{uri}: cannot delete: {e}") from None
 
 
 def read_manifest(output: str) -> dict[str, Any] | None:

@@ -446,15 +446,20 @@ def delete_prefix(uri: str) -> None:
         raise _local_error(uri, e) from None
 
 
+def delete(uri: str) -> None:
+    """Delete one object or file; a missing one is fine; raises StorageError."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        _s3_call(uri, bucket, client().delete_object, Bucket=bucket, Key=key)
+        return
+    try:
+        local_path(uri).unlink(missing_ok=True)
+    except OSError as e:
+        raise _local_error(uri, e) from None
+
+
 def check_writable(uri_prefix: str) -> None:
     """Cheap probe: write and delete a marker under the prefix; raises StorageError if that fails."""
     marker = join(uri_prefix, f".sftops-write-check-{uuid.uuid4().hex[:12]}")
     write_bytes(marker, b"ok")
-    if is_s3(marker):
-        bucket, key = split_s3(marker)
-        _s3_call(marker, bucket, client().delete_object, Bucket=bucket, Key=key)
-    else:
-        try:
-            local_path(marker).unlink()
-        except OSError as e:
-            raise _local_error(marker, e) from None
+    delete(marker)

@@ -48,6 +48,18 @@ def test_file_round_trip(base, tmp_path):
     assert got.read_bytes() == src.read_bytes()
 
 
+def test_delete_one_object(base):
+    """delete removes exactly one object; deleting it again is fine."""
+    keep = storage.join(base, "out", "manifest.json.bak")
+    gone = storage.join(base, "out", "manifest.json")
+    storage.write_bytes(keep, b"k")
+    storage.write_bytes(gone, b"m")
+    storage.delete(gone)
+    assert not storage.exists(gone)
+    assert storage.read_bytes(keep) == b"k"
+    storage.delete(gone)
+
+
 def test_prefix_round_trip(base, tmp_path):
     """A directory tree uploads to a prefix, lists with relative keys and sizes, downloads and deletes."""
     src = tmp_path / "model"
