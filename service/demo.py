@@ -240,8 +240,9 @@ def summarize(url: str, job: dict[str, Any], out_dir: Path) -> None:
             + (f", {train['tokens_per_second']:.0f} tokens/s" if train.get("tokens_per_second") else ""))
     for key in ("train", "eval"):
         s = health.get(key) or {}
-        say(f"{key:<5} loss: last {fmt_loss(s.get('last'))}, min {fmt_loss(s.get('min'))}, "
-            f"slope {fmt_loss(s.get('slope_per_100'))} per 100 steps")
+        slope = s.get("slope_per_100")
+        say(f"{key:<5} loss: last {fmt_loss(s.get('last'))}, min {fmt_loss(s.get('min'))}, slope "
+            f"{f'{slope:+.3f}' if isinstance(slope, (int, float)) else '-'} per 100 steps")
     for line in health_lines(health):
         if not line.startswith(("  train", "  eval")):
             say(line)
