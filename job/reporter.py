@@ -44,6 +44,9 @@ class NullReporter:
     def metric(self, record: Mapping[str, Any]) -> None:
         """Ignore a metrics record."""
 
+    def total_steps(self, total: int) -> None:
+        """Ignore the total step count."""
+
     def event(self, level: str, message: str, data: Mapping[str, Any] | None = None) -> None:
         """Ignore an event."""
 
@@ -127,6 +130,12 @@ class Reporter:
             if len(self._metrics) == self._metrics.maxlen:
                 self.dropped_metrics += 1
             self._metrics.append(dict(record))
+
+    def total_steps(self, total: int) -> None:
+        """Queue the run's total step count, known once training starts (progress and ETA need it)."""
+        with self._lock:
+            self._statuses.append({"total_steps": int(total)})
+            self._lock.notify()
 
     def event(self, level: str, message: str, data: Mapping[str, Any] | None = None) -> None:
         """Queue an event (info, warning, error); events are never dropped."""

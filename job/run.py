@@ -176,6 +176,7 @@ def train(spec: JobSpec, run: JobRun, model_dir: Path, on_log: Any) -> Any:
         run.train_dir,
         checkpoint_uri=storage.join(spec.output, CHECKPOINTS),
         on_log=on_log,
+        on_start=run.reporter.total_steps,
     )
     if result.resumed_from_step:
         run.reporter.event("info", f"resumed from checkpoint at step {result.resumed_from_step}")

@@ -2,7 +2,7 @@
 
 Contract with the pipeline (`job.run`):
 
-    train(spec, splits_dir, model_dir, work_dir, *, checkpoint_uri, on_log=None) -> TrainResult
+    train(spec, splits_dir, model_dir, work_dir, *, checkpoint_uri, on_log=None, on_start=None) -> TrainResult
 
 - trains on `splits_dir/train.jsonl` and computes eval loss on `splits_dir/test.jsonl` (one `{"messages": [...]}`
   per line) every `training.eval_every` steps and at the end;
@@ -106,17 +106,23 @@ def _finite(value: Any) -> float | None:
 class MetricsLog(TrainerCallback):
     """Turns trainer logs into metrics.jsonl records and on_log calls; stops the run on a non-finite loss."""
 
-    def __init__(self, path: Path, on_log: Callable[[dict], None] | None):
-        """Append to `path`; `on_log` gets every record."""
+    def __init__(self, path: Path, on_log: Callable[[dict], None] | None, on_start: Callable[[int], None] | None = None):
+        """Append to `path`; `on_log` gets every record, `on_start` the total step count when training begins."""
         self.path = path
         self.on_log_fn = on_log
+        self.on_start_fn = on_start
         self.failure: NonFiniteLossError | None = None
         self._last_time = time.time()
         self._last_tokens = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        """Start the tokens/s clock."""
+        """Start the tokens/s clock and announce the total step count (the plane's progress and ETA need it)."""
         self._last_time, self._last_tokens = time.time(), 0.0
+        if self.on_start_fn is not None:
+            try:
+                self.on_start_fn(int(state.max_steps))
+            except Exception:  # reporting must never stop training; logged, not swallowed
+                log.warning("on_start failed; training goes on", exc_info=True)
 
     def on_save(self, args, state, control, **kwargs):
         """Checkpoint time is not training throughput either."""
@@ -295,6 +301,7 @@ def train(
     *,
     checkpoint_uri: str | None,
     on_log: Callable[[dict], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """LoRA SFT of the model in `model_dir` on the splits; see the module docstring for the contract and errors."""
     import torch
@@ -346,7 +353,7 @@ def train(
     if output_dir.exists():
         shutil.rmtree(output_dir)  # stale local checkpoints of an earlier attempt must not be rotated or mixed in
 
-    metrics_cb = MetricsLog(metrics_path, on_log)
+    metrics_cb = MetricsLog(metrics_path, on_log, on_start)
     callbacks: list[TrainerCallback] = [metrics_cb]
     if sync is not None:
         callbacks.append(CheckpointUpload(sync, output_dir, metrics_path))

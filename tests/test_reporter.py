@@ -210,3 +210,16 @@ def test_from_env():
     reporter = Reporter.from_env(full)
     assert isinstance(reporter, Reporter)
     assert reporter.url == "http://127.0.0.1:9/v1/jobs/j1/reports"
+
+
+def test_total_steps_goes_out_when_training_starts(plane):
+    """The total step count is posted on its own, long before the final status, so the plane can show an ETA."""
+    reporter = Reporter(plane.url, "job1", TOKEN, interval=0.05).start()
+    reporter.status("running")
+    reporter.total_steps(40)
+    deadline = time.monotonic() + 10
+    while len(plane.requests) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert plane.bodies()[:2] == [{"status": "running"}, {"total_steps": 40}]
+    assert reporter.finish("succeeded", timeout=2) is True
+    assert NullReporter().total_steps(40) is None

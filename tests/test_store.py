@@ -147,6 +147,14 @@ def test_report_stores_points_progress_and_health(store):
     assert len(curves["train"]) == 60
 
 
+def test_total_steps_alone_sets_progress(store):
+    """The job announces its total when training starts, before any metric point."""
+    job, _ = store.create_job(_spec(), submitter="ci", status="running")
+    assert store.add_report(job["id"], {"total_steps": 80}) == {"metrics": 0, "events": 0}
+    got = store.get_job(job["id"])
+    assert got["progress"]["total_steps"] == 80 and got["progress"]["step"] is None
+
+
 def test_retried_report_does_not_duplicate_points(store):
     job, _ = store.create_job(_spec(), submitter="ci", status="running")
     body = {"metrics": [{"step": 1, "train_loss": 1.0}, {"step": 2, "train_loss": 0.9}]}
