@@ -19,6 +19,11 @@ from job.spec import HealthSpec, JobSpec
 log = logging.getLogger(__name__)
 
 
+# A new verdict is announced once it has held for this many logged records (the first one, and
+# diverging, at once), so a run hovering between plateau_high and still_improving does not flood the events.
+VERDICT_HOLD_RECORDS = 5
+
+
 class LiveHealth:
     """Callback for each logged record: forward it to the plane and track the curve's health verdict."""
 
@@ -33,6 +38,8 @@ class LiveHealth:
         self.history = history
         self.verdict: str | None = None
         self.records = 0
+        self._candidate: str | None = None
+        self._held = 0
 
     def _seed(self, before_step: int) -> None:
         """Feed the tracker the records logged before `before_step` by an earlier attempt of this job."""
@@ -46,6 +53,13 @@ class LiveHealth:
             self.tracker.add_eval(step, loss)
         if earlier:
             log.info("health: carried %d earlier records over from before the resume", len(earlier))
+
+    def _settled(self, verdict: str) -> bool:
+        """Whether a verdict has held long enough to announce: near a boundary the verdict can flip every step."""
+        self._held = self._held + 1 if verdict == self._candidate else 1
+        self._candidate = verdict
+        urgent = self.verdict is None or verdict == "diverging"
+        return urgent or self._held >= VERDICT_HOLD_RECORDS
 
     def __call__(self, record: Mapping[str, Any]) -> None:
         """Called by the trainer for every logged step; cheap, and never raises into the training loop."""
@@ -62,6 +76,8 @@ class LiveHealth:
             analysis = self.tracker.analysis()
         except Exception:  # a health bug must not stop training; it is logged, not swallowed
             log.exception("health tracking failed on record %s", dict(record))
+            return
+        if not self._settled(analysis["verdict"]):
             return
         if analysis["verdict"] != self.verdict:
             self.verdict = analysis["verdict"]

@@ -65,6 +65,35 @@ def test_live_health_forwards_every_record_and_logs_verdict_changes(caplog):
     assert final["verdict"] == live.verdict == "healthy"
 
 
+def test_live_health_announces_a_verdict_only_once_it_holds():
+    """A verdict flickering near a boundary is not announced; one that holds is; diverging is at once."""
+
+    class Scripted:
+        """Stands in for the tracker, replaying a scripted sequence of verdicts."""
+
+        def __init__(self, verdicts):
+            self.verdicts = iter(verdicts)
+
+        def add_train(self, step, loss):
+            """Ignore the point."""
+
+        def add_eval(self, step, loss):
+            """Ignore the point."""
+
+        def analysis(self):
+            """The next scripted verdict."""
+            return {"verdict": next(self.verdicts), "reasons": []}
+
+    sink = Recorder()
+    live = report.LiveHealth(HealthSpec(), sink)
+    hold = report.VERDICT_HOLD_RECORDS
+    flicker = ["plateau_high", "still_improving"] * 4
+    live.tracker = Scripted(["insufficient_data"] + flicker + ["healthy"] * hold + ["diverging"])
+    for r in records([1.0] * (2 + len(flicker) + hold)):
+        live(r)
+    assert [m for _, m, _ in sink.events] == ["health: insufficient_data", "health: healthy", "health: diverging"]
+
+
 def test_live_health_survives_a_bad_record(caplog):
     sink = Recorder()
     live = report.LiveHealth(HealthSpec(), sink)
