@@ -97,8 +97,10 @@ class Reporter:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> Reporter | NullReporter:
-        """A Reporter when the plane's three variables are set, else a NullReporter (standalone run)."""
+        """A Reporter when the plane's three variables are set (on rank 0), else a NullReporter (standalone run)."""
         env = os.environ if environ is None else environ
+        if env.get("RANK", "0") != "0":  # under torchrun every process runs the job: only rank 0 speaks for it
+            return NullReporter()
         values = [env.get(ENV_JOB_ID), env.get(ENV_PLANE_URL), env.get(ENV_JOB_TOKEN)]
         if all(values):
             job_id, plane_url, token = values

@@ -210,6 +210,9 @@ def test_from_env():
     reporter = Reporter.from_env(full)
     assert isinstance(reporter, Reporter)
     assert reporter.url == "http://127.0.0.1:9/v1/jobs/j1/reports"
+    # under torchrun only rank 0 reports; the others would post every point again
+    assert isinstance(Reporter.from_env({**full, "RANK": "0"}), Reporter)
+    assert isinstance(Reporter.from_env({**full, "RANK": "1"}), NullReporter)
 
 
 def test_total_steps_goes_out_when_training_starts(plane):
