@@ -92,13 +92,7 @@ def read_trainer_state(path: Path, text: str) -> tuple[Points, Points]:
             raise InputError(f"{where}: expected an object, got {type(entry).__name__}")
         if "loss" not in entry and "eval_loss" not in entry:
             continue  # the run summary (train_loss, train_runtime) and other logs
-        step = _number(entry.get("step"), where, "step", integer=True)
-        if step is None:
-            raise InputError(f"{where}: step is missing")
-        for key, points in (("loss", train), ("eval_loss", evals)):
-            value = _number(entry.get(key), where, key)
-            if value is not None:
-                points.append((step, value))
+        _add_points(entry, where, ("loss", "eval_loss"), train, evals)
     return train, evals
 
 
@@ -116,14 +110,19 @@ def read_metrics_jsonl(path: Path, text: str) -> tuple[Points, Points]:
             raise InputError(f"{where}: not valid JSON: {e.msg}") from None
         if not isinstance(record, dict):
             raise InputError(f"{where}: expected a JSON object with step, train_loss, eval_loss")
-        step = _number(record.get("step"), where, "step", integer=True)
-        if step is None:
-            raise InputError(f"{where}: step is missing")
-        for key, points in (("train_loss", train), ("eval_loss", evals)):
-            value = _number(record.get(key), where, key)
-            if value is not None:
-                points.append((step, value))
+        _add_points(record, where, ("train_loss", "eval_loss"), train, evals)
     return train, evals
+
+
+def _add_points(record: dict, where: str, keys: tuple[str, str], train: Points, evals: Points) -> None:
+    """Append the record's (step, loss) to train and eval under the given keys; raises InputError naming `where`."""
+    step = _number(record.get("step"), where, "step", integer=True)
+    if step is None:
+        raise InputError(f"{where}: step is missing")
+    for key, points in zip(keys, (train, evals)):
+        value = _number(record.get(key), where, key)
+        if value is not None:
+            points.append((step, value))
 
 
 def read_log(path: Path) -> tuple[str, Points, Points]:
